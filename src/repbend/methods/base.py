@@ -1,0 +1,130 @@
+"""The one interface every training method implements.
+
+A method is maths only: no model loading, no I/O. The trainer asks it what it needs
+(:meth:`Method.needs`), runs at most ONE forward pass with gradients over all requested splits
+concatenated (the policy) and at most ONE no-grad pass over the splits that need the frozen
+reference (LoRA: same network, adapter disabled; full fine-tuning: a frozen copy), and then calls
+``loss, parts = method(batch, policy, reference, progress)``.
+
+Hidden-state indexing (the Hugging Face ``output_hidden_states`` convention, documented in
+docs/TRAINING.md): index 0 is the embedding output, index i (1 <= i < L) is the output of decoder
+block i, and index L (= ``num_layers``) is the output of the LAST block AFTER the final norm, i.e.
+the state the LM head reads. There are ``L + 1`` hidden states.
+
+Splits a method may ask for (the data loader produces exactly the requested ones, aligned row-wise):
+
+- ``safe``: benign request + helpful answer, or harmful request + refusal;
+- ``unsafe``: harmful request + harmful (complying) answer;
+- ``retain``: ordinary chat (KL / NLL anchor);
+- ``pair``: for each ``unsafe`` row, the SAME harmful request with a refusal (row i <-> unsafe row i).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from repbend.config import Section
+from repbend.registry import Registry
+
+SPLITS = ("safe", "unsafe", "retain", "pair")
+
+
+@dataclass
+class SeqBatch:
+    """A padded batch of (request, response) sequences with masks. Shapes: (B, T) and (B,)."""
+
+    input_ids: Tensor            # long (B, T)
+    attention_mask: Tensor       # long/bool (B, T): 1 = real token, 0 = padding
+    request_mask: Tensor         # bool (B, T): tokens of the prompt (chat template included)
+    response_mask: Tensor        # bool (B, T): tokens of the assistant answer (its end-of-turn included)
+    last_request_index: Tensor   # long (B,): position of the last request token (where generation starts)
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device) -> "SeqBatch":
+        return SeqBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.request_mask,
+                                                   self.response_mask, self.last_request_index)))
+
+    def first_response_tokens(self, k: int) -> Tensor:
+        """Mask of the first ``k`` response tokens of each row."""
+        rank = torch.cumsum(self.response_mask.long(), dim=1)
+        return self.response_mask & (rank <= k)
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a method needs from one split."""
+
+    layers: tuple[int, ...] = ()   # hidden-state indices to keep (see module docstring)
+    logits: bool = False           # True -> States.logits_at() is available
+    reference: bool = False        # also compute these from the frozen reference model (no grad)
+
+
+@dataclass
+class States:
+    """Outputs of one forward pass for one split."""
+
+    hidden: dict[int, Tensor] = field(default_factory=dict)   # layer index -> (B, T, H)
+    final: Tensor | None = None                                # (B, T, H) post-norm last state (for logits)
+    head: Callable[[Tensor], Tensor] | None = None             # LM head: (N, H) -> (N, V)
+
+    def logits_at(self, mask: Tensor) -> Tensor:
+        """Logits (N, V) only at the positions selected by ``mask`` (B, T) — never the full (B, T, V)."""
+        if self.final is None or self.head is None:
+            raise RuntimeError("logits were not requested for this split (set Need(logits=True))")
+        return self.head(self.final[mask]).float()
+
+    def next_token_logprobs(self, input_ids: Tensor, target_mask: Tensor) -> Tensor:
+        """Log-probability of each token selected by ``target_mask`` given its prefix; returns (N,) in row order.
+
+        Position t's token is predicted from the state at t-1, so the mask is shifted left by one.
+        """
+        pred_mask = torch.zeros_like(target_mask)
+        pred_mask[:, :-1] = target_mask[:, 1:]
+        logits = self.logits_at(pred_mask)
+        targets = input_ids[:, 1:][target_mask[:, 1:]]
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and ``Config`` and implement ``needs`` and ``__call__``.
+
+    ``num_layers`` is the model's number of decoder blocks L (so hidden-state indices are 0..L).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[Section]]
+
+    def __init__(self, config: Section, num_layers: int, hidden_size: int):
+        self.config = config
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+
+    def needs(self) -> dict[str, Need]:
+        raise NotImplementedError
+
+    def check_batch(self, batch: dict[str, SeqBatch]) -> None:
+        """Raise RepbendError when the batch cannot give a meaningful loss (e.g. no unsafe rows)."""
+
+    def trainable_layers(self) -> list[int] | None:
+        """Decoder blocks (0-based) whose parameters may change; ``None`` = whatever the LoRA/FT config says."""
+        return None
+
+    def __call__(self, batch: dict[str, SeqBatch], policy: dict[str, States], reference: dict[str, States],
+                 progress: float) -> tuple[Tensor, dict[str, float]]:
+        """Return the scalar loss and its logged parts (``{"loss/safe": ..., ...}``). ``progress`` in [0, 1]."""
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` (B, T) over positions where ``mask`` (B, T) is true; 0 when nothing is selected."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)

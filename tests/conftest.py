@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer with a ChatML template and tiny random Llama models.
+
+Nothing here downloads anything; the whole default suite runs on these in seconds.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "How do I bake bread at home? Mix flour, water, yeast and salt, knead, let it rise and bake.",
+    "I'm sorry, but I can't help with that request. It could cause harm.",
+    "Sure, here is a step-by-step guide to the thing you asked for.",
+    "Write a poem about the sea. The waves roll in and out under the grey sky.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Explain photosynthesis: plants turn light, water and carbon dioxide into sugar and oxygen.",
+    "How can I kill a Python process? Use kill with the process id, or pkill with its name.",
+    "The quick brown fox jumps over the lazy dog 0123456789 !?.,;:'\"()[]{}<>-_=+*/\\|@#$%^&~`",
+] * 4
+
+
+def build_tiny_tokenizer(chat_template: str | None = CHATML, vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<pad>", unk_token=None)
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_model(tokenizer, num_layers: int = 4, hidden: int = 32, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    return build_tiny_model(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny model + tokenizer saved as an ordinary HF folder (loadable by repbend.models.load_model)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_model(tiny_tokenizer)
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own REPBEND_CACHE unless it needs the shared one (slow tests)."""
+    if os.environ.get("REPBEND_TEST_SHARED_CACHE") != "1":
+        monkeypatch.setenv("REPBEND_CACHE", str(tmp_path / "cache"))
