@@ -29,6 +29,8 @@ COMMAND_MODULES = (
     "repbend.data.commands",
     "repbend.training.commands",
     "repbend.evaluation.commands",
+    "repbend.evaluation.judges.commands",
+    "repbend.evaluation.report_commands",
     "repbend.pipeline.commands",
 )
 
