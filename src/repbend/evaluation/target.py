@@ -1,0 +1,138 @@
+"""The model under evaluation, with an on-disk cache in front of generation.
+
+:class:`ModelTarget` implements :class:`repbend.evaluation.types.Target`. Attacks hand it
+:class:`Conversation` lists; it answers from the :class:`~repbend.evaluation.store.Store` what was
+generated before and generates only the rest (batched, left padding, KV cache via
+``repbend.models.generation.generate``), writing each batch to the store as soon as it is done. So an
+interrupted evaluation resumes without regenerating, and an identical request (same model, attack,
+variant, messages, prefill, settings, sample) is never generated twice — not even twice in one call.
+
+White-box attacks get the model itself from ``target.model`` / ``target.tokenizer`` and the suite's
+generation settings from ``target.settings``. An attack that changes the model temporarily (hooks,
+ablated weights) may still call ``target.generate`` inside its context manager: its conversations
+carry its own attack name, so their cache keys never collide with the unmodified model's.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+from repbend.evaluation.store import Store, completion_key
+from repbend.evaluation.types import Conversation, GenSettings
+
+
+def fingerprint_model(model: Any, *extra: str) -> str:
+    """A short hash identifying the weights (cheap: shapes + a few values of every tensor) + ``extra``.
+
+    Two different checkpoints (or the same base with a different adapter) get different fingerprints,
+    so cached completions of one are never served for the other.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for part in extra:
+        h.update(str(part).encode())
+    h.update(type(model).__name__.encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, steps=min(16, flat.numel())).long()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ModelTarget:
+    """``generate(conversations, settings) -> list[list[str]]`` with a Store-backed cache.
+
+    Args:
+        model, tokenizer: a loaded causal LM (PeftModel fine) and its tokenizer (chat template).
+        store: where completions are cached (``Store(output_dir / "cache.jsonl")``).
+        batch_size: conversations per generation call; each batch is stored as soon as it is done.
+        fingerprint: identifies the weights (see :func:`fingerprint_model`); part of every cache key.
+        settings: the suite's default generation settings (``conversation.settings`` overrides them).
+        progress: show a progress bar per generate call.
+        generate_fn: the batched generator; defaults to ``repbend.models.generation.generate``.
+
+    ``stats`` counts what happened: ``generated`` / ``cached`` samples, ``new_tokens`` and
+    ``seconds`` spent generating (for tokens/s), ``calls`` to the generator.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, store: Store, *, batch_size: int = 8, fingerprint: str,
+                 settings: GenSettings | None = None, progress: bool = True,
+                 generate_fn: Callable[..., list[list[str]]] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.batch_size = batch_size
+        self.fingerprint = fingerprint
+        self.settings = settings or GenSettings()
+        self.progress = progress
+        self._generate_fn = generate_fn
+        self.stats = {"generated": 0, "cached": 0, "new_tokens": 0, "seconds": 0.0, "calls": 0}
+
+    def key(self, conv: Conversation, settings: GenSettings, sample: int) -> str:
+        return completion_key(fingerprint=self.fingerprint, attack=conv.attack, variant=conv.variant,
+                              messages=conv.messages, prefill=conv.prefill, settings=settings, sample=sample)
+
+    def generate(self, conversations: list[Conversation], settings: GenSettings | None = None) -> list[list[str]]:
+        """Answers (``num_samples`` strings each, without the prefill) for every conversation, in order."""
+        base = settings or self.settings
+        eff = [c.settings or base for c in conversations]
+        keys = [[self.key(c, s, k) for k in range(s.num_samples)] for c, s in zip(conversations, eff)]
+
+        todo: dict[str, list[int]] = {}      # settings key -> first index of each distinct missing request
+        seen: set[str] = set()
+        for i, ks in enumerate(keys):
+            if all(k in self.store for k in ks):
+                self.stats["cached"] += len(ks)
+            elif ks[0] not in seen:
+                seen.add(ks[0])
+                todo.setdefault(eff[i].key(), []).append(i)
+        for idxs in todo.values():
+            for start in range(0, len(idxs), self.batch_size):
+                self._run_batch([conversations[i] for i in idxs[start:start + self.batch_size]],
+                                eff[idxs[0]], [keys[i] for i in idxs[start:start + self.batch_size]])
+        return [[self.store.get(k)["text"] for k in ks] for ks in keys]
+
+    def _run_batch(self, convs: list[Conversation], s: GenSettings, keys: list[list[str]]) -> None:
+        gen = self._generate_fn
+        if gen is None:
+            from repbend.models.generation import generate as gen
+        t0 = time.perf_counter()
+        outs = gen(self.model, self.tokenizer, [c.messages for c in convs], [c.prefill for c in convs],
+                   max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
+                   top_p=s.top_p, num_samples=s.num_samples, seed=s.seed, batch_size=self.batch_size,
+                   progress=False)
+        seconds = time.perf_counter() - t0
+        self.stats["calls"] += 1
+        self.stats["seconds"] += seconds
+        rows = []
+        for conv, ks, texts in zip(convs, keys, outs):
+            if len(texts) != s.num_samples:
+                raise RuntimeError(f"generator returned {len(texts)} samples, expected {s.num_samples}")
+            for k, (key, text) in enumerate(zip(ks, texts)):
+                n_tok = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                self.stats["new_tokens"] += n_tok
+                self.stats["generated"] += 1
+                rows.append((key, {"kind": "completion", "fingerprint": self.fingerprint,
+                                   "behaviour_id": conv.behaviour_id, "attack": conv.attack,
+                                   "variant": conv.variant, "sample": k, "settings": s.key(),
+                                   "text": text, "new_tokens": n_tok,
+                                   "seconds": round(seconds / max(1, len(convs) * s.num_samples), 4)}))
+        self.store.put_many(rows)
+
+    def throughput(self) -> dict:
+        """Generation throughput so far: new tokens per second of generation wall time."""
+        secs = self.stats["seconds"]
+        return {"tokens_per_s": round(self.stats["new_tokens"] / secs, 2) if secs else None,
+                "batch_size": self.batch_size, **{k: (round(v, 2) if isinstance(v, float) else v)
+                                                   for k, v in self.stats.items()}}
+
+
+def with_settings(conv: Conversation, settings: GenSettings) -> Conversation:
+    """A copy of ``conv`` forced to ``settings`` (used by best-of-N)."""
+    return replace(conv, settings=settings)
