@@ -1,0 +1,206 @@
+"""Chat-template-generic segmentation of (messages, response) into request and response tokens.
+
+Nothing here knows a role tag or a token offset. The request/response boundary is found by rendering
+the conversation twice with the tokenizer's OWN chat template:
+
+* the prompt: ``messages`` with ``add_generation_prompt=True`` (exactly what generation sees), and
+* the full conversation: ``messages + [{"role": "assistant", "content": response}]``,
+
+and comparing them. In the usual case the prompt's tokens are a prefix of the full conversation's
+tokens and the boundary is that prefix length. Two fallbacks cover templates where that fails:
+
+1. the full text starts with the prompt text but the tokens differ at the seam (a merge across the
+   boundary): the request is the prompt's own tokens and the rest of the text is tokenized on its own;
+2. the full text does not start with the prompt text (a template that renders the generation prompt
+   differently from a finished turn): the response is located by character offset in the full text
+   (its last occurrence, after the template's trimming) and the text is split at that character
+   offset, each side tokenized on its own (so no token straddles the boundary).
+
+Trailing template text after the end-of-turn token (e.g. ChatML's ``"\\n"`` after ``<|im_end|>``) is
+not part of the response: whitespace-only tokens that follow a special token at the end are dropped.
+So the response tokens decode to the response text followed by the template's end-of-turn token.
+
+Truncation (choices):
+
+* an over-long request keeps its LAST ``max_request_tokens`` tokens so the generation prompt (the
+  assistant header the model answers after) survives; a leading BOS token is kept as well;
+* an over-long response keeps its FIRST ``max_response_tokens`` tokens (its end-of-turn is then lost).
+
+A tokenizer without a chat template raises :class:`RepbendError`; a user may opt into the plain
+:data:`FALLBACK_TEMPLATE` with :func:`use_fallback_template` (``load_model(..., fallback_template=True)``).
+Rendered text already contains the template's special tokens (e.g. BOS): tokenize it with
+``add_special_tokens=False`` (as :func:`prompt_ids` does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from repbend.errors import RepbendError
+from repbend.methods.base import SeqBatch
+
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+"""Plain ``### Role:`` template used only when the user opts in (tokenizers without a chat template)."""
+
+
+@dataclass
+class Encoded:
+    """One tokenized conversation: ``input_ids[:request_len]`` is the request, the rest the response."""
+
+    input_ids: list[int]
+    request_len: int
+    response_len: int
+    truncated_request: bool = False
+    truncated_response: bool = False
+
+    def __post_init__(self) -> None:
+        if self.request_len + self.response_len != len(self.input_ids):
+            raise ValueError("request_len + response_len must equal len(input_ids)")
+
+
+def use_fallback_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template repbend's plain :data:`FALLBACK_TEMPLATE` (opt-in)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+
+
+def _check_messages(messages: Sequence[dict]) -> list[dict]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RepbendError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts.")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RepbendError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r:.80}.")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise RepbendError(
+            f"Tokenizer {name!r} has no chat template; use an instruct/chat model, set tokenizer.chat_template, "
+            f"or opt into repbend's plain template (load_model(..., fallback_template=True) / --fallback-template)."
+        )
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as e:  # jinja errors: roles must alternate, system not supported, ...
+        raise RepbendError(f"The chat template rejected these messages: {e}") from None
+    if not isinstance(text, str):
+        raise RepbendError("apply_chat_template(tokenize=False) did not return text; this tokenizer is not supported.")
+    return text
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt(tokenizer, messages: Sequence[dict], prefill: str = "") -> str:
+    """The prompt text, ending exactly where generation starts (after the assistant header and ``prefill``)."""
+    return _render(tokenizer, _check_messages(messages), add_generation_prompt=True) + prefill
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict], prefill: str = "") -> list[int]:
+    """Token ids of :func:`render_prompt` (the template's own special tokens, no extra BOS)."""
+    return _ids(tokenizer, render_prompt(tokenizer, messages, prefill))
+
+
+def _split(tokenizer, prompt_text: str, full_text: str, response: str) -> tuple[list[int], list[int]]:
+    """Split the full conversation into (request ids, response ids) — see the module docstring."""
+    p_ids, f_ids = _ids(tokenizer, prompt_text), _ids(tokenizer, full_text)
+    if f_ids[: len(p_ids)] == p_ids:
+        return p_ids, f_ids[len(p_ids):]
+    if full_text.startswith(prompt_text):
+        return p_ids, _ids(tokenizer, full_text[len(prompt_text):])
+    # The generation prompt is rendered differently from a finished turn: locate the response by offset.
+    needle = response.strip()
+    start = full_text.rfind(needle) if needle else -1
+    if start < 0:
+        raise RepbendError("Cannot find the response in the rendered conversation: the chat template changes "
+                           "the assistant text; use a template that keeps the answer verbatim.")
+    return _ids(tokenizer, full_text[:start]), _ids(tokenizer, full_text[start:])
+
+
+def _drop_template_tail(tokenizer, resp: list[int]) -> list[int]:
+    """Drop whitespace-only tokens that follow a special (end-of-turn) token at the end of the response."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    end = len(resp)
+    while end > 0 and resp[end - 1] not in special and not tokenizer.decode(resp[end - 1:end]).strip():
+        end -= 1
+    if 0 < end < len(resp) and resp[end - 1] in special:
+        return resp[:end]
+    return resp
+
+
+def encode(tokenizer, messages: Sequence[dict], response: str | None = None, *, max_request_tokens: int = 512,
+           max_response_tokens: int = 512) -> Encoded:
+    """Tokenize ``messages`` (+ the assistant ``response``) with the tokenizer's chat template.
+
+    Without ``response`` the result is the generation prompt alone (``response_len == 0``).
+    """
+    if max_request_tokens < 1 or max_response_tokens < 0:
+        raise RepbendError("max_request_tokens must be >= 1 and max_response_tokens >= 0.")
+    msgs = _check_messages(messages)
+    prompt_text = _render(tokenizer, msgs, add_generation_prompt=True)
+    if response is None:
+        req, resp = _ids(tokenizer, prompt_text), []
+    else:
+        if not isinstance(response, str):
+            raise RepbendError(f"response must be a string, got {type(response).__name__}.")
+        full_text = _render(tokenizer, msgs + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+        req, resp = _split(tokenizer, prompt_text, full_text, response)
+        resp = _drop_template_tail(tokenizer, resp)
+    if not req:
+        raise RepbendError("The chat template rendered an empty prompt; check the tokenizer's chat template.")
+    cut_req = len(req) > max_request_tokens
+    if cut_req:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        keep_bos = bos is not None and req[0] == bos and max_request_tokens > 1
+        req = ([bos] if keep_bos else []) + req[len(req) - (max_request_tokens - keep_bos):]
+    cut_resp = len(resp) > max_response_tokens
+    resp = resp[:max_response_tokens]
+    return Encoded(req + resp, len(req), len(resp), cut_req, cut_resp)
+
+
+def collate(items: Sequence[Encoded], pad_id: int, padding_side: str = "right") -> SeqBatch:
+    """Pad encoded items into a :class:`SeqBatch` (masks are correct for either padding side)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    if not items:
+        raise ValueError("collate needs at least one item")
+    if pad_id is None:
+        raise RepbendError("The tokenizer has no pad token; load it with repbend.models.load_model (sets pad = eos).")
+    width = max(len(e.input_ids) for e in items)
+    n = len(items)
+    ids = torch.full((n, width), int(pad_id), dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    req = torch.zeros((n, width), dtype=torch.bool)
+    resp = torch.zeros((n, width), dtype=torch.bool)
+    last = torch.zeros(n, dtype=torch.long)
+    for i, e in enumerate(items):
+        if e.request_len < 1:
+            raise ValueError("every item needs at least one request token")
+        off = width - len(e.input_ids) if padding_side == "left" else 0
+        end = off + len(e.input_ids)
+        ids[i, off:end] = torch.tensor(e.input_ids, dtype=torch.long)
+        attn[i, off:end] = 1
+        req[i, off:off + e.request_len] = True
+        resp[i, off + e.request_len:end] = True
+        last[i] = off + e.request_len - 1
+    return SeqBatch(ids, attn, req, resp, last)
+
+
+def encode_batch(tokenizer, rows: Sequence[dict[str, Any]], *, padding_side: str = "right",
+                 max_request_tokens: int = 512, max_response_tokens: int = 512) -> SeqBatch:
+    """Convenience: encode rows ``{"messages": [...], "response": str | None}`` and collate them."""
+    items = [encode(tokenizer, r["messages"], r.get("response"), max_request_tokens=max_request_tokens,
+                    max_response_tokens=max_response_tokens) for r in rows]
+    return collate(items, tokenizer.pad_token_id, padding_side)
