@@ -63,6 +63,7 @@ class Need:
     layers: tuple[int, ...] = ()   # hidden-state indices to keep (see module docstring)
     logits: bool = False           # True -> States.logits_at() is available
     reference: bool = False        # also compute these from the frozen reference model (no grad)
+    policy: bool = True            # compute these from the trained model (False: reference-only split, e.g. `pair`)
 
 
 @dataclass
@@ -128,3 +129,23 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x`` (B, T) over positions where ``mask`` (B, T) is true; 0 when nothing is selected."""
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+def check_layers(layers: list[int], num_layers: int, field: str) -> list[int]:
+    """Sorted hidden-state indices; one-line RepbendError naming ``field`` when any is outside 0..num_layers."""
+    from repbend.errors import ConfigError
+
+    bad = [i for i in layers if not 0 <= i <= num_layers]
+    if bad:
+        raise ConfigError(f"{field}: hidden-state indices {bad} are out of range 0..{num_layers} (the model has "
+                          f"{num_layers} blocks; 0 = embeddings, {num_layers} = last block after the final norm).")
+    return sorted(layers)
+
+
+def require_rows(batch: dict[str, SeqBatch], split: str, method: str, why: str) -> None:
+    """RepbendError when ``batch`` has no rows of ``split`` (the method needs them for ``why``)."""
+    from repbend.errors import RepbendError
+
+    if split not in batch or batch[split].size == 0:
+        raise RepbendError(f"The batch has no {split!r} rows but {method} needs them for {why}; "
+                           f"add {split} rows to the data or change the method config.")

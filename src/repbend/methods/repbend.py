@@ -1,0 +1,249 @@
+"""RepBend: bend unsafe representations away, keep safe ones and the output distribution in place.
+
+    L = alpha * L_safe - beta * L_unsafe + gamma * L_cos + epsilon * L_KL + eta * L_pair
+
+Exact normalisation (``P`` = trained/policy model, ``R`` = frozen reference, ``h_l(x)_t`` = hidden
+state ``l`` at token ``t``; hidden-state index 0 = embedding output, ``L`` = last block after the
+final norm, see :mod:`repbend.methods.base`):
+
+* ``L_safe = mean_{l in S} mean_{(b,t) in M_safe} ||h^P_l - h^R_l||_2`` on the safe rows, where
+  ``S`` = every hidden state 0..L (``safe_layers: all``) or the target layers (``target``) and
+  ``M_safe`` = the token-mode mask AND the attention mask, pooled over ALL rows of the batch (a
+  mean over (row, token) pairs, so longer rows weigh more; not a mean of per-row means).
+* ``L_unsafe``: the same on the unsafe rows, target layers only. It enters with a minus sign.
+* ``L_cos = mean_{l in target} [ sum_{i != j} (1 - cos(h^P_l(u_i), h^P_l(u_j))) / (n (n - 1)) ]``
+  at the last request token of each of the ``n`` unsafe rows (policy states only; needs n >= 2).
+* ``L_KL = T^2 * mean_{(b,t): attention_mask} sum_v p^R_v (log p^R_v - log p^P_v)`` with
+  ``p = softmax(logits / T)`` on the retain rows: KL(reference || policy) of the next-token
+  distribution at every non-padding position (the last one included), averaged over those tokens.
+* ``L_pair = mean_{l in target} mean_{(i, j)} ||h^P_l(unsafe_i)_{r_ij} - h^R_l(pair_i)_{r'_ij}||_2``
+  where ``r_ij`` / ``r'_ij`` is the position of the j-th response token (j < ``pair_tokens``) of
+  unsafe row i / its paired refusal row i; j runs up to the shorter of the two responses.
+
+A tiny hand-derived case (one layer, one safe token, hidden size 2): policy (3, 4), reference
+(0, 0) -> L_safe = 5. Two unsafe rows with policy last-request states (1, 0) and (0, 1) -> cos = 0
+for both ordered pairs -> L_cos = 1. Reference logits (0, 0), policy logits (2 ln 3, 0) at T = 2:
+p^R = (1/2, 1/2), p^P = (3/4, 1/4), KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3), times T^2 = 4 ->
+L_KL = 2 ln(4/3) = 0.5754.
+
+Divergence guard: ``L_unsafe`` is unbounded. When ``max_unsafe_ratio`` is set and the unsafe distance
+exceeds that multiple of the reference states' mean norm on the same tokens, the call raises
+:class:`DivergenceError` (the trainer then stops and keeps the last good checkpoint).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from repbend.config import Section
+from repbend.errors import DivergenceError, RepbendError
+from repbend.methods.base import Method, Need, SeqBatch, States
+
+TokenMode = Literal["response_all", "request_last", "request_all", "request_response", "response_first_k"]
+
+# The paper's window (hidden states 20..30 of a 32-block model), used relative to depth when not set.
+_PAPER_WINDOW = (20 / 32, 30 / 32)
+
+
+class RepBendConfig(Section):
+    alpha: float = Field(0.5, ge=0, description="Weight of L_safe (keep safe representations where they were).")
+    beta: float = Field(0.5, ge=0, description="Weight of L_unsafe (push unsafe representations away; enters with -).")
+    gamma: float = Field(0.1, ge=0, description="Weight of L_cos (pull unsafe last-request states together).")
+    epsilon: float = Field(0.3, ge=0, description="Weight of L_KL (KL(reference||policy) on retain chat data).")
+    eta: float = Field(0.0, ge=0, description="Weight of L_pair (policy on unsafe -> reference on its refusal); 0 = off.")
+    token_mode: TokenMode = Field("response_all", description="Tokens whose distances count in L_safe/L_unsafe.")
+    k: int = Field(20, ge=1, description="Number of response tokens for token_mode response_first_k.")
+    safe_layers: Literal["all", "target"] = Field("all", description="Hidden states of L_safe: all (0..L) or target.")
+    target_layers: list[int] | None = Field(
+        None, description="Hidden-state indices for L_unsafe/L_cos/L_pair (0 = embeddings, L = last block). "
+                          "Default: the paper's relative window (20..30 of 32) scaled to the model depth.")
+    target_start: int | None = Field(None, ge=0, description="First target hidden-state index (with target_window).")
+    target_window: int | None = Field(None, ge=1, description="Number of consecutive target layers from target_start.")
+    kl_temperature: float = Field(2.0, gt=0, description="Softmax temperature T of L_KL (scaled by T^2).")
+    pair_tokens: int = Field(20, ge=1, description="Response tokens compared by L_pair.")
+    max_unsafe_ratio: float | None = Field(
+        100.0, gt=0, description="Stop (DivergenceError) when L_unsafe exceeds this multiple of the reference "
+                                 "states' mean norm; null disables the guard.")
+
+    @model_validator(mode="after")
+    def _layer_spec(self) -> "RepBendConfig":
+        if self.target_layers is not None and (self.target_start is not None or self.target_window is not None):
+            raise ValueError("target_layers: give either an explicit list or target_start + target_window, not both")
+        if (self.target_start is None) != (self.target_window is None):
+            raise ValueError("target_start/target_window: set both (or neither)")
+        if self.target_layers is not None:
+            if not self.target_layers:
+                raise ValueError("target_layers: must not be empty (or set it to null for the default window)")
+            if len(set(self.target_layers)) != len(self.target_layers):
+                raise ValueError("target_layers: contains duplicates")
+        return self
+
+
+def resolve_target_layers(cfg: RepBendConfig, num_layers: int) -> list[int]:
+    """Target hidden-state indices for a model with ``num_layers`` blocks; RepbendError when out of range."""
+    if cfg.target_layers is not None:
+        layers, field = sorted(cfg.target_layers), "method.target_layers"
+    elif cfg.target_start is not None:
+        layers, field = list(range(cfg.target_start, cfg.target_start + cfg.target_window)), \
+            "method.target_start/target_window"
+    else:
+        lo, hi = (round(f * num_layers) for f in _PAPER_WINDOW)
+        layers, field = list(range(max(lo, 1), max(hi, 1) + 1)), "method.target_layers"
+    bad = [i for i in layers if not 0 <= i <= num_layers]
+    if bad:
+        raise RepbendError(f"{field}: hidden-state indices {bad} are out of range 0..{num_layers} "
+                           f"(the model has {num_layers} blocks; 0 = embeddings, {num_layers} = last block).")
+    return layers
+
+
+def token_mask(batch: SeqBatch, mode: str, k: int) -> Tensor:
+    """(B, T) bool mask of the tokens selected by ``mode`` (never padding)."""
+    attn = batch.attention_mask.bool()
+    if mode == "response_all":
+        m = batch.response_mask
+    elif mode == "request_all":
+        m = batch.request_mask
+    elif mode == "request_response":
+        m = batch.request_mask | batch.response_mask
+    elif mode == "response_first_k":
+        m = batch.first_response_tokens(k)
+    else:  # request_last
+        m = torch.zeros_like(attn)
+        m[torch.arange(batch.size, device=m.device), batch.last_request_index] = True
+    return m.bool() & attn
+
+
+def mean_l2(policy: States, reference: States, layers: list[int], mask: Tensor) -> Tensor:
+    """Mean over (layer, selected token) of ||policy - reference||_2."""
+    return torch.stack([(policy.hidden[l][mask].float() - reference.hidden[l][mask].float()).norm(dim=-1).mean()
+                        for l in layers]).mean()
+
+
+def mean_offdiag_one_minus_cos(x: Tensor) -> Tensor:
+    """mean_{i != j} (1 - cos(x_i, x_j)) for rows of ``x`` (n, H), n >= 2."""
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    n = x.shape[0]
+    cos = x @ x.T
+    return (n * (n - 1) - (cos.sum() - cos.diagonal().sum())) / (n * (n - 1))
+
+
+def kl_ref_policy(policy_logits: Tensor, reference_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * mean over rows of KL(softmax(ref/T) || softmax(policy/T)); inputs (N, V)."""
+    log_p = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
+    log_r = torch.log_softmax(reference_logits.float() / temperature, dim=-1)
+    kl = (log_r.exp() * (log_r - log_p)).sum(-1)
+    return kl.mean() * temperature ** 2
+
+
+def first_k_positions(mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Positions (B, k) of the first ``k`` true entries of each row of ``mask`` and their validity (B, k)."""
+    t = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    key = torch.where(mask, t, t + mask.shape[1])
+    idx = key.argsort(dim=1)[:, :k]
+    return idx, mask.gather(1, idx)
+
+
+class RepBend(Method):
+    """The RepBend loss (see the module docstring for the exact formulas and normalisation)."""
+
+    name = "repbend"
+    Config = RepBendConfig
+
+    def __init__(self, config: RepBendConfig, num_layers: int, hidden_size: int):
+        super().__init__(config, num_layers, hidden_size)
+        self.target = resolve_target_layers(config, num_layers)
+        self.safe = list(range(num_layers + 1)) if config.safe_layers == "all" else self.target
+
+    def needs(self) -> dict[str, Need]:
+        c, t = self.config, tuple(self.target)
+        out: dict[str, Need] = {}
+        if c.alpha > 0:
+            out["safe"] = Need(layers=tuple(self.safe), reference=True)
+        if c.beta > 0 or c.gamma > 0 or c.eta > 0:
+            out["unsafe"] = Need(layers=t, reference=c.beta > 0)
+        if c.epsilon > 0:
+            out["retain"] = Need(logits=True, reference=True)
+        if c.eta > 0:
+            out["pair"] = Need(layers=t, reference=True, policy=False)
+        return out
+
+    def trainable_layers(self) -> list[int] | None:
+        """Blocks 0..max(target) (0-based), as the reference code's "layers up to the last target layer"."""
+        return list(range(min(max(self.target) + 1, self.num_layers)))
+
+    def check_batch(self, batch: dict[str, SeqBatch]) -> None:
+        c = self.config
+        for split in self.needs():
+            if split not in batch or batch[split].size == 0:
+                raise RepbendError(f"The batch has no {split!r} rows but the repbend loss needs them "
+                                   f"(alpha/beta/gamma/epsilon/eta > 0); add {split} rows to the data or set that "
+                                   f"weight to 0.")
+        for split in ("safe", "unsafe"):
+            if split in batch and (c.alpha if split == "safe" else c.beta) > 0 \
+                    and not token_mask(batch[split], c.token_mode, c.k).any():
+                raise RepbendError(f"token_mode {c.token_mode!r} selects no tokens in the {split!r} rows "
+                                   f"(e.g. rows without responses); pick another method.token_mode or fix the data.")
+        if c.gamma > 0 and batch["unsafe"].size < 2:
+            raise RepbendError("L_cos needs at least 2 unsafe rows per batch; raise the unsafe batch size or set gamma 0.")
+        if c.eta > 0 and batch["pair"].size != batch["unsafe"].size:
+            raise RepbendError("The pair split must have one refusal row per unsafe row (same pair_id).")
+
+    def __call__(self, batch: dict[str, SeqBatch], policy: dict[str, States], reference: dict[str, States],
+                 progress: float) -> tuple[Tensor, dict[str, float]]:
+        c = self.config
+        self.check_batch(batch)
+        loss = torch.zeros((), device=batch[next(iter(batch))].input_ids.device)
+        parts: dict[str, float] = {}
+        if c.alpha > 0:
+            m = token_mask(batch["safe"], c.token_mode, c.k)
+            l_safe = mean_l2(policy["safe"], reference["safe"], self.safe, m)
+            loss = loss + c.alpha * l_safe
+            parts["loss/safe"] = l_safe.item()
+        if c.beta > 0:
+            m = token_mask(batch["unsafe"], c.token_mode, c.k)
+            l_unsafe = mean_l2(policy["unsafe"], reference["unsafe"], self.target, m)
+            loss = loss - c.beta * l_unsafe
+            parts["loss/unsafe"] = l_unsafe.item()
+            self._guard(l_unsafe, reference["unsafe"], m)
+        if c.gamma > 0:
+            u = batch["unsafe"]
+            rows = torch.arange(u.size, device=u.input_ids.device)
+            l_cos = torch.stack([mean_offdiag_one_minus_cos(policy["unsafe"].hidden[l][rows, u.last_request_index])
+                                 for l in self.target]).mean()
+            loss = loss + c.gamma * l_cos
+            parts["loss/cos"] = l_cos.item()
+        if c.epsilon > 0:
+            m = batch["retain"].attention_mask.bool()
+            l_kl = kl_ref_policy(policy["retain"].logits_at(m), reference["retain"].logits_at(m), c.kl_temperature)
+            loss = loss + c.epsilon * l_kl
+            parts["loss/kl"] = l_kl.item()
+        if c.eta > 0:
+            l_pair = self._pair(batch, policy["unsafe"], reference["pair"])
+            loss = loss + c.eta * l_pair
+            parts["loss/pair"] = l_pair.item()
+        return loss, parts
+
+    def _pair(self, batch: dict[str, SeqBatch], pol: States, ref: States) -> Tensor:
+        k = min(self.config.pair_tokens, batch["unsafe"].input_ids.shape[1], batch["pair"].input_ids.shape[1])
+        iu, vu = first_k_positions(batch["unsafe"].response_mask, k)
+        ip, vp = first_k_positions(batch["pair"].response_mask, k)
+        valid = vu & vp
+        if not valid.any():
+            raise RepbendError("L_pair found no response tokens in the unsafe/pair rows; set eta 0 or fix the data.")
+        rows = torch.arange(iu.shape[0], device=iu.device)[:, None].expand_as(iu)
+        return torch.stack([(pol.hidden[l][rows, iu][valid].float() - ref.hidden[l][rows, ip][valid].float())
+                            .norm(dim=-1).mean() for l in self.target]).mean()
+
+    def _guard(self, l_unsafe: Tensor, ref: States, mask: Tensor) -> None:
+        limit = self.config.max_unsafe_ratio
+        if limit is None:
+            return
+        scale = torch.stack([ref.hidden[l][mask].float().norm(dim=-1).mean() for l in self.target]).mean()
+        if float(l_unsafe) > limit * float(scale):
+            raise DivergenceError(
+                f"L_unsafe = {float(l_unsafe):.4g} exceeds max_unsafe_ratio {limit:g} x the reference norm "
+                f"{float(scale):.4g}: the unsafe representations are exploding; lower method.beta or the learning "
+                f"rate, or raise method.max_unsafe_ratio.")

@@ -1,0 +1,196 @@
+"""RepBend loss: hand-derived numbers, a naive re-computation, padding, gradient direction, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from repbend.data.chat import Encoded, collate
+from repbend.errors import DivergenceError, RepbendError
+from repbend.methods import METHODS
+from repbend.methods.base import States
+from repbend.methods.repbend import RepBend, RepBendConfig, resolve_target_layers
+
+L, H, V = 4, 6, 11
+
+
+def _batch(shapes, seed=0):
+    """shapes: list of (request_len, response_len) -> right-padded SeqBatch."""
+    g = torch.Generator().manual_seed(seed)
+    items = [Encoded(torch.randint(1, V, (a + b,), generator=g).tolist(), a, b) for a, b in shapes]
+    return collate(items, pad_id=0)
+
+
+def _states(batch, layers, seed, logits=False):
+    g = torch.Generator().manual_seed(seed)
+    B, T = batch.input_ids.shape
+    hidden = {l: torch.randn(B, T, H, generator=g) for l in layers}
+    if not logits:
+        return States(hidden=hidden)
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    return States(hidden=hidden, final=torch.randn(B, T, H, generator=g), head=head)
+
+
+def _setup(cfg: RepBendConfig, seed=0):
+    m = RepBend(cfg, num_layers=L, hidden_size=H)
+    batch = {"safe": _batch([(3, 4), (5, 2), (2, 6)], seed), "unsafe": _batch([(4, 3), (2, 5), (3, 3)], seed + 1),
+             "retain": _batch([(3, 3), (6, 1)], seed + 2), "pair": _batch([(4, 2), (2, 6), (3, 1)], seed + 3)}
+    needs = m.needs()
+    pol = {s: _states(batch[s], n.layers, 10 * seed + i, n.logits) for i, (s, n) in enumerate(needs.items()) if n.policy}
+    ref = {s: _states(batch[s], n.layers, 100 + 10 * seed + i, n.logits) for i, (s, n) in enumerate(needs.items())
+           if n.reference}
+    return m, batch, pol, ref
+
+
+def test_hand_derived_tiny_case():
+    cfg = RepBendConfig(alpha=1, beta=0, gamma=1, epsilon=1, target_layers=[1], safe_layers="target",
+                        token_mode="request_last")
+    m = RepBend(cfg, num_layers=1, hidden_size=2)
+    one = collate([Encoded([5], 1, 0)], pad_id=0)
+    two = collate([Encoded([5], 1, 0), Encoded([6], 1, 0)], pad_id=0)
+    eye = torch.nn.Identity()
+    batch = {"safe": one, "unsafe": two, "retain": one}
+    pol = {"safe": States(hidden={1: torch.tensor([[[3.0, 4.0]]])}),
+           "unsafe": States(hidden={1: torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])}),
+           "retain": States(final=torch.tensor([[[2 * math.log(3), 0.0]]]), head=eye)}
+    ref = {"safe": States(hidden={1: torch.zeros(1, 1, 2)}),
+           "retain": States(final=torch.zeros(1, 1, 2), head=eye)}
+    loss, parts = m(batch, pol, ref, 0.0)
+    assert parts["loss/safe"] == pytest.approx(5.0)
+    assert parts["loss/cos"] == pytest.approx(1.0)
+    assert parts["loss/kl"] == pytest.approx(2 * math.log(4 / 3), rel=1e-6)
+    assert float(loss) == pytest.approx(5 + 1 + 2 * math.log(4 / 3), rel=1e-6)
+
+
+def _naive(m: RepBend, batch, pol, ref):
+    c = m.config
+    def sel(b):
+        rows = []
+        for i in range(b.size):
+            req = [t for t in range(b.input_ids.shape[1]) if b.request_mask[i, t]]
+            resp = [t for t in range(b.input_ids.shape[1]) if b.response_mask[i, t]]
+            pick = {"response_all": resp, "request_all": req, "request_response": req + resp,
+                    "request_last": req[-1:], "response_first_k": resp[:c.k]}[c.token_mode]
+            rows += [(i, t) for t in pick]
+        return rows
+    def dist(split, layers, p, r):
+        vals = [torch.dist(p[split].hidden[l][i, t], r[split].hidden[l][i, t]) for l in layers for i, t in sel(batch[split])]
+        return sum(vals) / len(vals)
+    total = c.alpha * dist("safe", m.safe, pol, ref) - c.beta * dist("unsafe", m.target, pol, ref)
+    cos = 0.0
+    for l in m.target:
+        u = batch["unsafe"]
+        xs = [pol["unsafe"].hidden[l][i, u.last_request_index[i]] for i in range(u.size)]
+        pairs = [(i, j) for i in range(len(xs)) for j in range(len(xs)) if i != j]
+        cos += sum(1 - torch.cosine_similarity(xs[i], xs[j], dim=0) for i, j in pairs) / len(pairs)
+    total += c.gamma * cos / len(m.target)
+    T, kls = c.kl_temperature, []
+    rb = batch["retain"]
+    for i in range(rb.size):
+        for t in range(rb.input_ids.shape[1]):
+            if rb.attention_mask[i, t]:
+                lp = pol["retain"].head(pol["retain"].final[i, t]) / T
+                lr = ref["retain"].head(ref["retain"].final[i, t]) / T
+                pr = torch.softmax(lr, -1)
+                kls.append((pr * (torch.log(pr) - torch.log_softmax(lp, -1))).sum())
+    total += c.epsilon * T * T * sum(kls) / len(kls)
+    if c.eta > 0:
+        vals = []
+        for l in m.target:
+            for i in range(batch["unsafe"].size):
+                ru = [t for t in range(batch["unsafe"].input_ids.shape[1]) if batch["unsafe"].response_mask[i, t]]
+                rp = [t for t in range(batch["pair"].input_ids.shape[1]) if batch["pair"].response_mask[i, t]]
+                for j in range(min(len(ru), len(rp), c.pair_tokens)):
+                    vals.append(torch.dist(pol["unsafe"].hidden[l][i, ru[j]], ref["pair"].hidden[l][i, rp[j]]))
+        total += c.eta * sum(vals) / len(vals)
+    return total
+
+
+@pytest.mark.parametrize("mode", ["response_all", "request_last", "request_all", "request_response",
+                                  "response_first_k"])
+@pytest.mark.parametrize("safe_layers", ["all", "target"])
+def test_matches_naive_computation(mode, safe_layers):
+    cfg = RepBendConfig(alpha=0.5, beta=0.3, gamma=0.2, epsilon=0.7, eta=0.4, token_mode=mode, k=2,
+                        safe_layers=safe_layers, target_start=2, target_window=2, pair_tokens=3,
+                        max_unsafe_ratio=None)
+    m, batch, pol, ref = _setup(cfg)
+    loss, parts = m(batch, pol, ref, 0.5)
+    assert set(parts) == {"loss/safe", "loss/unsafe", "loss/cos", "loss/kl", "loss/pair"}
+    assert float(loss) == pytest.approx(float(_naive(m, batch, pol, ref)), rel=1e-5, abs=1e-6)
+
+
+def test_padding_is_ignored():
+    cfg = RepBendConfig(eta=0.4, target_layers=[1, 3], max_unsafe_ratio=None, token_mode="request_response")
+    m, batch, pol, ref = _setup(cfg)
+    loss, _ = m(batch, pol, ref, 0.0)
+    for states in (pol, ref):
+        for split, st in states.items():
+            pad = ~batch[split].attention_mask.bool()
+            for h in st.hidden.values():
+                h[pad] = 1e6
+            if st.final is not None:
+                st.final[pad] = -3e3
+    loss2, _ = m(batch, pol, ref, 0.0)
+    assert torch.isfinite(loss2) and float(loss2) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_unsafe_gradient_increases_distance():
+    cfg = RepBendConfig(alpha=0, beta=1, gamma=0, epsilon=0, target_layers=[2], max_unsafe_ratio=None)
+    m, batch, pol, ref = _setup(cfg)
+    h = pol["unsafe"].hidden[2].clone().requires_grad_(True)
+    pol["unsafe"].hidden[2] = h
+    loss, parts = m(batch, pol, ref, 0.0)
+    loss.backward()
+    with torch.no_grad():
+        pol["unsafe"].hidden[2] = h - 1.0 * h.grad
+    _, parts2 = m(batch, pol, ref, 0.0)
+    assert parts2["loss/unsafe"] > parts["loss/unsafe"] + 0.05
+
+
+def test_needs_follow_the_weights():
+    needs = RepBend(RepBendConfig(target_layers=[2, 3]), L, H).needs()
+    assert needs["safe"].layers == tuple(range(L + 1)) and needs["safe"].reference
+    assert needs["unsafe"].layers == (2, 3) and needs["retain"].logits and "pair" not in needs
+    only = RepBend(RepBendConfig(alpha=0, beta=1, gamma=0, epsilon=0, target_layers=[1]), L, H).needs()
+    assert set(only) == {"unsafe"}
+    pair = RepBend(RepBendConfig(eta=1, target_layers=[1]), L, H).needs()["pair"]
+    assert pair.reference and not pair.policy
+    assert METHODS.get("repbend") is RepBend
+
+
+def test_target_layers_resolution_and_range():
+    assert resolve_target_layers(RepBendConfig(), 32) == list(range(20, 31))
+    assert resolve_target_layers(RepBendConfig(), 30) == list(range(19, 29))
+    assert resolve_target_layers(RepBendConfig(target_start=1, target_window=3), 4) == [1, 2, 3]
+    with pytest.raises(RepbendError, match="method.target_layers"):
+        RepBend(RepBendConfig(target_layers=[2, 9]), L, H)
+    with pytest.raises(RepbendError, match="target_start"):
+        RepBend(RepBendConfig(target_start=3, target_window=5), L, H)
+    with pytest.raises(ValueError, match="target_layers"):
+        RepBendConfig(target_layers=[1], target_start=1, target_window=1)
+    assert RepBend(RepBendConfig(target_layers=[2, 3]), L, H).trainable_layers() == [0, 1, 2, 3]
+    assert RepBend(RepBendConfig(target_layers=[1, 2]), L, H).trainable_layers() == [0, 1, 2]
+
+
+def test_bad_batches_raise():
+    m, batch, pol, ref = _setup(RepBendConfig(target_layers=[1]))
+    no_unsafe = {k: v for k, v in batch.items() if k != "unsafe"}
+    with pytest.raises(RepbendError, match="no 'unsafe' rows"):
+        m.check_batch(no_unsafe)
+    prompts_only = dict(batch, safe=_batch([(3, 0), (4, 0)]))
+    with pytest.raises(RepbendError, match="selects no tokens"):
+        m.check_batch(prompts_only)
+    with pytest.raises(RepbendError, match="at least 2 unsafe"):
+        m.check_batch(dict(batch, unsafe=_batch([(3, 2)])))
+
+
+def test_divergence_guard():
+    cfg = RepBendConfig(alpha=0, gamma=0, epsilon=0, target_layers=[1], max_unsafe_ratio=2.0)
+    m, batch, pol, ref = _setup(cfg)
+    m(batch, pol, ref, 0.0)  # random states: distance ~ sqrt(2) x norm, under the limit
+    pol["unsafe"].hidden[1] = pol["unsafe"].hidden[1] * 50
+    with pytest.raises(DivergenceError, match="max_unsafe_ratio"):
+        m(batch, pol, ref, 0.0)
