@@ -1,0 +1,90 @@
+"""Batched generation on the tiny random Llama: order, padding, prefill, determinism, PEFT."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from repbend.data.chat import prompt_ids
+from repbend.errors import RepbendError
+from repbend.models.generation import generate
+
+CONVS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "You are a careful assistant."},
+     {"role": "user", "content": "How do I bake bread at home? Mix flour, water, yeast and salt."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    "Write a poem about the sea.",
+]
+
+
+def reference_greedy(model, tok, conv, prefill="", n=12):
+    """Unbatched, unpadded greedy decoding written out by hand (no model.generate)."""
+    msgs = [{"role": "user", "content": conv}] if isinstance(conv, str) else conv
+    ids = torch.tensor([prompt_ids(tok, msgs, prefill)])
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_greedy_batched_equals_unbatched_reference_in_input_order(tiny_model, tiny_tokenizer):
+    out = generate(tiny_model, tiny_tokenizer, CONVS, max_new_tokens=12, batch_size=3, progress=False)
+    assert len(out) == len(CONVS) and all(len(o) == 1 for o in out)
+    for conv, (text,) in zip(CONVS, out):
+        assert text == reference_greedy(tiny_model, tiny_tokenizer, conv)
+
+
+def test_prefill_is_continued_but_not_returned(tiny_model, tiny_tokenizer):
+    prefills = ["Sure, here is", "", "The capital", "The waves"]
+    out = generate(tiny_model, tiny_tokenizer, CONVS, prefills, max_new_tokens=8, progress=False)
+    for conv, pre, (text,) in zip(CONVS, prefills, out):
+        assert text == reference_greedy(tiny_model, tiny_tokenizer, conv, pre, n=8)
+    plain = generate(tiny_model, tiny_tokenizer, CONVS[:1], max_new_tokens=8, progress=False)
+    assert plain[0][0] != out[0][0]
+
+
+def test_sampling_is_seeded_per_row_independent_of_batch(tiny_model, tiny_tokenizer):
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, num_samples=3, seed=7, progress=False)
+    a = generate(tiny_model, tiny_tokenizer, CONVS, batch_size=4, **kw)
+    b = generate(tiny_model, tiny_tokenizer, CONVS[::-1], batch_size=2, **kw)[::-1]
+    torch.manual_seed(123)  # the global RNG does not matter
+    c = generate(tiny_model, tiny_tokenizer, CONVS[2:3], batch_size=1, **kw)
+    assert a == b and a[2] == c[0]
+    assert len(set(a[1])) > 1  # samples differ from each other
+    d = generate(tiny_model, tiny_tokenizer, CONVS, batch_size=4, **{**kw, "seed": 8})
+    assert d != a
+
+
+def test_tiny_top_p_is_greedy(tiny_model, tiny_tokenizer):
+    greedy = generate(tiny_model, tiny_tokenizer, CONVS, max_new_tokens=8, progress=False)
+    nucleus = generate(tiny_model, tiny_tokenizer, CONVS, max_new_tokens=8, do_sample=True, top_p=1e-6,
+                       num_samples=2, progress=False)
+    assert [[g[0], g[0]] for g in greedy] == nucleus
+
+
+def test_peft_model_generates_and_disabled_adapter_matches_base(tiny_model, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = generate(tiny_model, tiny_tokenizer, CONVS, max_new_tokens=6, progress=False)
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+    with_adapter = generate(peft_model, tiny_tokenizer, CONVS, max_new_tokens=6, progress=False)
+    with peft_model.disable_adapter():
+        without = generate(peft_model, tiny_tokenizer, CONVS, max_new_tokens=6, progress=False)
+    assert without == base and with_adapter != base
+
+
+def test_training_mode_restored_and_bad_input(tiny_model, tiny_tokenizer):
+    tiny_model.train()
+    generate(tiny_model, tiny_tokenizer, CONVS[:1], max_new_tokens=2, progress=False)
+    assert tiny_model.training
+    assert generate(tiny_model, tiny_tokenizer, [], progress=False) == []
+    with pytest.raises(RepbendError, match="prefills"):
+        generate(tiny_model, tiny_tokenizer, CONVS, ["x"], progress=False)
+    with pytest.raises(RepbendError, match="temperature"):
+        generate(tiny_model, tiny_tokenizer, CONVS, do_sample=True, temperature=0, progress=False)
