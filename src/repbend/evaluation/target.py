@@ -92,10 +92,19 @@ class ModelTarget:
             elif ks[0] not in seen:
                 seen.add(ks[0])
                 todo.setdefault(eff[i].key(), []).append(i)
-        for idxs in todo.values():
-            for start in range(0, len(idxs), self.batch_size):
-                self._run_batch([conversations[i] for i in idxs[start:start + self.batch_size]],
-                                eff[idxs[0]], [keys[i] for i in idxs[start:start + self.batch_size]])
+        total = sum(eff[i].num_samples for idxs in todo.values() for i in idxs)
+        if total:
+            from tqdm.auto import tqdm
+
+            label = conversations[0].attack if conversations else ""
+            with tqdm(total=total, desc=f"generate {label}", unit="ans", disable=not self.progress,
+                      leave=False) as bar:
+                for idxs in todo.values():
+                    step = max(1, self.batch_size // eff[idxs[0]].num_samples)  # ~one generation batch each
+                    for start in range(0, len(idxs), step):
+                        part = idxs[start:start + step]
+                        self._run_batch([conversations[i] for i in part], eff[part[0]], [keys[i] for i in part])
+                        bar.update(sum(eff[i].num_samples for i in part))
         return [[self.store.get(k)["text"] for k in ks] for ks in keys]
 
     def _run_batch(self, convs: list[Conversation], s: GenSettings, keys: list[list[str]]) -> None:
