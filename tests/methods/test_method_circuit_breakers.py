@@ -101,6 +101,8 @@ def test_retain_all_layers_means_every_hidden_state():
     m = CircuitBreakers(CircuitBreakersConfig(target_layers=[2]), num_layers=L, hidden_size=H)
     assert m.needs()["retain"].layers == tuple(range(L + 1))
     assert m.needs()["unsafe"] == m.needs()["unsafe"].__class__(layers=(2,), reference=True)
+    assert m.trainable_layers() == [0, 1, 2]   # adapters on blocks 0..max(target), as the paper's code
+    assert CircuitBreakers(CircuitBreakersConfig(target_layers=[L]), L, H).trainable_layers() == list(range(L))
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -131,7 +133,8 @@ def test_reroute_gradient_lowers_cosine():
     # start the policy near the reference (cos ~ 0.9; at cos = 1 exactly the gradient of cos vanishes),
     # then take one gradient step on the unsafe states at progress 0
     r = ref["unsafe"].hidden[2]
-    pol["unsafe"].hidden[2] = (r + 0.4 * torch.randn(r.shape, generator=torch.Generator().manual_seed(3))).requires_grad_()
+    noise = torch.randn(r.shape, generator=torch.Generator().manual_seed(3))
+    pol["unsafe"].hidden[2] = (r + 0.4 * noise).requires_grad_()
     _, before = m(batch, pol, ref, 0.0)
     loss, _ = m(batch, pol, ref, 0.0)
     loss.backward()
@@ -161,17 +164,19 @@ def test_check_batch_errors():
     with pytest.raises(RepbendError, match="'safe' rows"):
         m.check_batch({k: v for k, v in batch.items() if k != "safe"})
     no_resp = {**batch, "unsafe": collate([Encoded([3, 4], 2, 0)], pad_id=0)}
-    with pytest.raises(RepbendError, match="method.reroute_tokens"):
+    with pytest.raises(RepbendError, match="method.params.reroute_tokens"):
         m.check_batch(no_resp)
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="method.target_layers"):
+    with pytest.raises(ConfigError, match="method.params.target_layers"):
         CircuitBreakers(CircuitBreakersConfig(target_layers=[10, 20]), num_layers=L, hidden_size=H)
-    with pytest.raises(ConfigError, match="method.retain_layers"):
+    with pytest.raises(ConfigError, match="method.params.retain_layers"):
         CircuitBreakers(CircuitBreakersConfig(target_layers=[1], retain_layers=[0, 9]), num_layers=L, hidden_size=H)
     with pytest.raises(ValueError, match="target_layers"):
         CircuitBreakersConfig(target_layers=[2, 2])
+    with pytest.raises(ValueError, match="target_layers"):
+        CircuitBreakersConfig(target_layers=[0, 3])
     with pytest.raises(ValueError, match="alpha"):
         CircuitBreakersConfig(alpha=-1)
     with pytest.raises(ValueError, match="reroute_tokens"):

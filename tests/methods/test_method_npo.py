@@ -153,9 +153,9 @@ def test_check_batch_errors():
     m.check_batch(batch)
     with pytest.raises(RepbendError, match="'unsafe' rows"):
         m.check_batch({k: v for k, v in batch.items() if k != "unsafe"})
-    with pytest.raises(RepbendError, match="method.gamma"):
+    with pytest.raises(RepbendError, match="method.params.gamma"):
         m.check_batch({k: v for k, v in batch.items() if k != "safe"})
-    with pytest.raises(RepbendError, match="method.delta"):
+    with pytest.raises(RepbendError, match="method.params.delta"):
         m.check_batch({k: v for k, v in batch.items() if k != "retain"})
     with pytest.raises(RepbendError, match="no response token"):
         m.check_batch({**batch, "unsafe": collate([Encoded([3, 4], 2, 0)], pad_id=0)})

@@ -125,9 +125,9 @@ def test_trainable_layers_and_needs():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="method.layer"):
+    with pytest.raises(ConfigError, match="method.params.layer"):
         RMU(RMUConfig(layer=8), num_layers=L, hidden_size=H)
-    with pytest.raises(ConfigError, match="method.trainable_layers"):
+    with pytest.raises(ConfigError, match="method.params.trainable_layers"):
         RMU(RMUConfig(layer=3, trainable_layers=[3]), num_layers=L, hidden_size=H)
     with pytest.raises(ValueError, match="steering_coef"):
         RMUConfig(steering_coef=0)
@@ -145,5 +145,5 @@ def test_check_batch_errors():
     with pytest.raises(RepbendError, match="'retain' rows"):
         m.check_batch({k: v for k, v in batch.items() if k != "retain"})
     m2 = RMU(RMUConfig(layer=2, forget_tokens="response_all"), num_layers=L, hidden_size=H)
-    with pytest.raises(RepbendError, match="method.forget_tokens"):
+    with pytest.raises(RepbendError, match="method.params.forget_tokens"):
         m2.check_batch({**batch, "unsafe": collate([Encoded([3, 4], 2, 0)], pad_id=0)})

@@ -54,6 +54,13 @@ class CircuitBreakersConfig(Section):
             raise ValueError(f"contains duplicates {v}; list each entry once")
         return v
 
+    @field_validator("target_layers")
+    @classmethod
+    def _not_embeddings(cls, v: list[int]) -> list[int]:
+        if min(v) < 1:
+            raise ValueError("index 0 is the embedding output, which training cannot reroute; use indices >= 1")
+        return v
+
 
 class CircuitBreakers(Method):
     """Representation rerouting: unsafe states made orthogonal to the original ones, safe states kept."""
@@ -63,9 +70,13 @@ class CircuitBreakers(Method):
 
     def __init__(self, config: CircuitBreakersConfig, num_layers: int, hidden_size: int):
         super().__init__(config, num_layers, hidden_size)
-        self.target = check_layers(config.target_layers, num_layers, "method.target_layers")
+        self.target = check_layers(config.target_layers, num_layers, "method.params.target_layers")
         retain = list(range(num_layers + 1)) if config.retain_layers == "all" else config.retain_layers
-        self.retain = check_layers(retain, num_layers, "method.retain_layers")
+        self.retain = check_layers(retain, num_layers, "method.params.retain_layers")
+
+    def trainable_layers(self) -> list[int] | None:
+        """Blocks 0..max(target) (0-based), as the paper's code (adapters up to the last target layer)."""
+        return list(range(min(max(self.target) + 1, self.num_layers)))
 
     def coefficients(self, progress: float) -> tuple[float, float]:
         """(c_rr, c_retain) at training progress p in [0, 1]."""
@@ -81,9 +92,9 @@ class CircuitBreakers(Method):
     def check_batch(self, batch: dict[str, SeqBatch]) -> None:
         require_rows(batch, "unsafe", self.name, "the rerouting term")
         for split in self.config.retain_splits:
-            require_rows(batch, split, self.name, "the retain term (method.retain_splits)")
+            require_rows(batch, split, self.name, "the retain term (method.params.retain_splits)")
         if not token_mask(batch["unsafe"], self.config.reroute_tokens, self.config.reroute_first_k).any():
-            raise RepbendError(f"method.reroute_tokens={self.config.reroute_tokens!r} selects no token of the "
+            raise RepbendError(f"method.params.reroute_tokens={self.config.reroute_tokens!r} selects no token of the "
                                "unsafe rows; use response_all or request_response, or check that the data has "
                                "responses.")
 

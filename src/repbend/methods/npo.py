@@ -32,7 +32,7 @@ from repbend.methods.repbend import kl_ref_policy
 class NPOConfig(Section):
     beta: float = Field(0.1, gt=0, description="Inverse temperature beta of NPO (paper: 0.1).")
     gamma: float = Field(1.0, ge=0, description="Weight of the NLL on safe answers (0 disables it).")
-    delta: float = Field(0.0, ge=0, description="Weight of KL(reference || trained) on kl_split tokens (0 disables it).")
+    delta: float = Field(0.0, ge=0, description="Weight of KL(reference || trained) on kl_split tokens (0 = off).")
     kl_split: Literal["retain", "safe"] = Field("retain", description="Split whose real tokens the KL term covers.")
     kl_temperature: float = Field(1.0, gt=0, description="Softmax temperature T of the KL term (scaled by T^2).")
 
@@ -71,9 +71,9 @@ class NPO(Method):
             raise RepbendError("npo needs harmful answers in the unsafe rows (no response token found); "
                                "rebuild the data with responses.")
         if self.config.gamma > 0:
-            require_rows(batch, "safe", self.name, "the NLL term (set method.gamma=0 to drop it)")
+            require_rows(batch, "safe", self.name, "the NLL term (set method.params.gamma=0 to drop it)")
         if self.config.delta > 0:
-            require_rows(batch, self.config.kl_split, self.name, "the KL term (set method.delta=0 to drop it)")
+            require_rows(batch, self.config.kl_split, self.name, "the KL term (set method.params.delta=0 to drop it)")
 
     def __call__(self, batch, policy, reference, progress):
         c = self.config

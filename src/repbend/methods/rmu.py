@@ -69,15 +69,16 @@ class RMU(Method):
 
     def __init__(self, config: RMUConfig, num_layers: int, hidden_size: int):
         super().__init__(config, num_layers, hidden_size)
-        self.layer = check_layers([config.layer], num_layers, "method.layer")[0]
+        self.layer = check_layers([config.layer], num_layers, "method.params.layer")[0]
         if config.trainable_layers is None:
             blocks = [b for b in (self.layer - 3, self.layer - 2, self.layer - 1) if b >= 0]
         else:
             blocks = sorted(config.trainable_layers)
             bad = [b for b in blocks if not 0 <= b < self.layer]
             if bad:
-                raise ConfigError(f"method.trainable_layers: blocks {bad} cannot change hidden state {self.layer}; "
-                                  f"use 0-based blocks in 0..{self.layer - 1} (block b produces index b+1).")
+                raise ConfigError(f"method.params.trainable_layers: blocks {bad} cannot change hidden state "
+                                  f"{self.layer}; use 0-based blocks in 0..{self.layer - 1} (block b produces "
+                                  f"index b+1).")
         self.blocks = blocks
         self.u = random_direction(hidden_size, config.seed)
 
@@ -93,10 +94,10 @@ class RMU(Method):
     def check_batch(self, batch: dict[str, SeqBatch]) -> None:
         require_rows(batch, "unsafe", self.name, "the forget term")
         for split in self.config.retain_splits:
-            require_rows(batch, split, self.name, "the retain term (method.retain_splits)")
+            require_rows(batch, split, self.name, "the retain term (method.params.retain_splits)")
         if not token_mask(batch["unsafe"], self.config.forget_tokens, self.config.forget_first_k).any():
-            raise RepbendError(f"method.forget_tokens={self.config.forget_tokens!r} selects no token of the unsafe "
-                               "rows; use request_response, or check that the data has responses.")
+            raise RepbendError(f"method.params.forget_tokens={self.config.forget_tokens!r} selects no token of the "
+                               "unsafe rows; use request_response, or check that the data has responses.")
 
     def forget_loss(self, batch: SeqBatch, policy: States) -> Tensor:
         h = policy.hidden[self.layer].float()
