@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from data_fixtures import fixture_sources  # noqa: F401  (pytest fixture)
 from repbend.data import sources
 from repbend.data.sources import (SOURCES, load_advbench, load_donotanswer, load_harmbench, load_jbb, load_project,
                                   load_source, load_strongreject)

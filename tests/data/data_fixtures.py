@@ -1,4 +1,6 @@
-"""Fixtures for the data tests: packaged sources read small fixture files instead of real wheels."""
+"""Shared fixture for the data tests (import it: from data_fixtures import fixture_sources): packaged sources read small fixture files instead of real wheels.
+
+Not a conftest.py: tests/data/test_data_chat.py imports the top-level tests/conftest.py by name."""
 from __future__ import annotations
 
 from pathlib import Path

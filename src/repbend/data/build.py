@@ -1,0 +1,303 @@
+"""``repbend data build``: real sources -> decontaminated requests -> on-policy answers -> a dataset folder.
+
+Steps (docs/DATA.md):
+
+1. read the harmful, benign, refusal and evaluation sources (provenance of every file recorded);
+2. drop training requests that match an evaluation prompt (:mod:`repbend.data.decontam`), then cap
+   each source at its ``max_rows`` (seeded sample);
+3. the model to be defended answers every training request (greedy by default), batch by batch; each
+   finished batch is appended to ``generations.jsonl`` so an interrupted build resumes where it stopped;
+4. rows: a harmful request whose answer complies -> UNSAFE ``harmful``; whose answer is a refusal ->
+   SAFE ``refusal`` (the model's own words); every harmful request also gets a SAFE ``refusal`` row with
+   a project-written refusal (same ``pair_id``). A benign / over-refusal request -> SAFE ``benign`` /
+   ``overrefusal`` and RETAIN rows with the model's answer (a benign answer the model refused is kept
+   in RETAIN only, never taught as SAFE);
+5. texts longer than the token limits are truncated and counted; a seeded ``val_fraction`` of the
+   requests (all rows of a request together) goes to ``val.jsonl``;
+6. ``train.jsonl``, ``val.jsonl``, ``decontam.jsonl``, ``config.yaml``, ``run_info.json`` are written
+   atomically and ``manifest.json`` LAST: a folder without a manifest is an unfinished build.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+from repbend.config import dump_config
+from repbend.data.build_config import DataBuildConfig, SourceSpec
+from repbend.data.dataset import check_row
+from repbend.data.decontam import decontaminate, summarise
+from repbend.errors import RepbendError
+from repbend.io import (append_jsonl, atomic_write_json, package_versions, read_jsonl, sha256_file, sha256_text,
+                        write_jsonl, write_run_info)
+
+FORMAT = "repbend-built-dataset/1"
+STATE = ".build.json"
+CHECKPOINT = "generations.jsonl"
+OUR_FILES = ("train.jsonl", "val.jsonl", "decontam.jsonl", CHECKPOINT, "config.yaml", "run_info.json",
+             "manifest.json", STATE)
+
+
+def generate(*args, **kwargs):  # indirection so tests can interrupt a build
+    from repbend.models.generation import generate as _generate
+    return _generate(*args, **kwargs)
+
+
+def config_hash(cfg: DataBuildConfig) -> str:
+    return sha256_text(dump_config(cfg))[:16]
+
+
+def _prepare_out(out: Path, chash: str, overwrite: bool) -> dict | None:
+    """Check the folder; returns the finished manifest when the same build is already complete."""
+    state = out / STATE
+    if out.exists() and not out.is_dir():
+        raise RepbendError(f"Output {out} is a file; pass a folder path.")
+    if out.is_dir() and any(out.iterdir()):
+        old = json.loads(state.read_text()) if state.is_file() else None
+        same = old is not None and old.get("config_hash") == chash
+        if not same and not overwrite:
+            what = f"a different build (config hash {old.get('config_hash')})" if old else "other files"
+            raise RepbendError(f"Output folder {out} already holds {what}; pass --overwrite to replace it or "
+                               f"choose another --output.")
+        if overwrite:  # start over: remove what an earlier build wrote (nothing else)
+            for name in OUR_FILES:
+                (out / name).unlink(missing_ok=True)
+        elif (out / "manifest.json").is_file():
+            return json.loads((out / "manifest.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state, {"format": FORMAT, "config_hash": chash})
+    return None
+
+
+def _sample(rows: list[dict], spec: SourceSpec, seed: int, salt: str) -> list[dict]:
+    if spec.max_rows is None or len(rows) <= spec.max_rows:
+        return rows
+    order = list(range(len(rows)))
+    random.Random(f"{seed}:{salt}").shuffle(order)
+    return [rows[i] for i in sorted(order[:spec.max_rows])]
+
+
+def _read(specs: list[SourceSpec], inputs: dict) -> list[list[dict]]:
+    out = []
+    for spec in specs:
+        rows = spec.build().load()
+        for r in rows:
+            p = r["provenance"]
+            inputs.setdefault((p["source"], p["file"], p["sha256"]), {k: v for k, v in p.items() if k != "original_id"})
+        out.append(rows)
+    return out
+
+
+def collect(cfg: DataBuildConfig) -> dict:
+    """Read all sources, decontaminate, sample; no model needed."""
+    inputs: dict = {}
+    harmful_parts = _read(cfg.harmful, inputs)
+    benign_parts = _read(cfg.benign, inputs)
+    refusals = [r for part in _read(cfg.refusals, inputs) for r in part if (r.get("response") or "").strip()]
+    if not refusals:
+        raise RepbendError("The refusal sources hold no response texts; give rows with a 'response' (or 'text').")
+    evaluation = [r for part in _read(cfg.evaluation, inputs) for r in part]
+    train = [r for part in harmful_parts + benign_parts for r in part]
+    ids = [r["id"] for r in train]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise RepbendError(f"Training row id {dup!r} appears in two sources; list each source once.")
+    kept, dropped = decontaminate(train, evaluation, cfg.decontam)
+    keep = {r["id"] for r in kept}
+    pick = lambda parts, specs, tag: [  # noqa: E731
+        r for i, (part, spec) in enumerate(zip(parts, specs))
+        for r in _sample([x for x in part if x["id"] in keep], spec, cfg.seed, f"{tag}{i}")]
+    return {"harmful": pick(harmful_parts, cfg.harmful, "h"), "benign": pick(benign_parts, cfg.benign, "b"),
+            "refusals": refusals, "evaluation": evaluation, "dropped": dropped,
+            "decontam_summary": summarise(train, dropped), "inputs": list(inputs.values())}
+
+
+def user_text(row: dict) -> str:
+    return f"{row['context']}\n\n---\n\n{row['prompt']}" if row.get("context") else row["prompt"]
+
+
+def _key(text: str, max_new_tokens: int) -> str:
+    return sha256_text(json.dumps([text, max_new_tokens]))[:24]
+
+
+def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, cfg: DataBuildConfig,
+                     progress: bool = True) -> dict[str, str]:
+    """Answers for (text, max_new_tokens) jobs, resuming from and appending to ``ckpt``."""
+    from tqdm.auto import tqdm
+
+    done = {r["key"]: r["text"] for r in (read_jsonl(ckpt, tolerate_truncated_tail=True) if ckpt.is_file() else [])}
+    g = cfg.generation
+    unique = sorted({(t, n) for t, n in jobs}, key=lambda j: (j[1], -len(j[0]), j[0]))
+    chunks = []
+    for n in sorted({n for _, n in unique}):  # fixed batches (resume regenerates identical batches)
+        group = [j for j in unique if j[1] == n]
+        chunks += [group[i:i + g.batch_size] for i in range(0, len(group), g.batch_size)]
+    todo = [c for c in chunks if any(_key(t, n) not in done for t, n in c)]
+    bar = tqdm(total=len(unique), initial=len(unique) - sum(map(len, todo)), desc="answer requests", unit="req",
+               disable=not progress)
+    try:
+        for chunk in todo:
+            texts = generate(model, tokenizer, [[{"role": "user", "content": t}] for t, _ in chunk],
+                             max_new_tokens=chunk[0][1], do_sample=g.do_sample, temperature=g.temperature,
+                             top_p=g.top_p, seed=cfg.seed, batch_size=len(chunk), progress=False)
+            for (t, n), outs in zip(chunk, texts):
+                k = _key(t, n)
+                if k not in done:
+                    append_jsonl(ckpt, {"key": k, "max_new_tokens": n, "prompt": t, "text": outs[0]})
+                    done[k] = outs[0]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return {_key(t, n): done[_key(t, n)] for t, n in jobs}
+
+
+def _row(rid: str, split: str, kind: str, req: dict, response: str, pair_id: str | None) -> dict:
+    return {"id": rid, "split": split, "kind": kind, "messages": [{"role": "user", "content": user_text(req)}],
+            "response": response, "source": req["source"], "pair_id": pair_id}
+
+
+def make_rows(data: dict, answers: dict[str, str], cfg: DataBuildConfig, stats: dict) -> list[dict]:
+    from repbend.evaluation.judges.refusal import is_refusal
+
+    g, rows = cfg.generation, []
+    refusals = data["refusals"]
+    for req in data["harmful"]:
+        ans = answers[_key(user_text(req), g.max_new_tokens_harmful)].strip()
+        pick = refusals[int(sha256_text(f"{cfg.seed}|{req['id']}"), 16) % len(refusals)]
+        rows.append(_row(f"{req['id']}#refusal:{pick['id']}", "safe", "refusal", req, pick["response"], req["id"]))
+        if not ans:
+            stats["empty_answers"] += 1
+        elif is_refusal(ans):
+            stats["harmful_refused_by_model"] += 1
+            if cfg.keep_model_refusals:
+                rows.append(_row(f"{req['id']}#model_refusal", "safe", "refusal", req, ans, req["id"]))
+        else:
+            stats["harmful_complied"] += 1
+            rows.append(_row(f"{req['id']}#harmful", "unsafe", "harmful", req, ans, req["id"]))
+    for req in data["benign"]:
+        ans = answers[_key(user_text(req), g.max_new_tokens_benign)].strip()
+        kind = "overrefusal" if req["source"] == "project_overrefusal" else "benign"
+        if not ans:
+            stats["empty_answers"] += 1
+            continue
+        if is_refusal(ans):
+            stats["benign_refused_by_model"] += 1
+        else:
+            rows.append(_row(f"{req['id']}#safe", "safe", kind, req, ans, None))
+        rows.append(_row(f"{req['id']}#retain", "retain", kind, req, ans, None))
+    return rows
+
+
+def truncate(rows: list[dict], tokenizer, cfg: DataBuildConfig) -> dict:
+    """Cut requests/responses to the token limits in place; returns the counts."""
+    counts = {"request": 0, "response": 0}
+
+    def cut(text: str, limit: int, what: str) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            return text
+        counts[what] += 1
+        return tokenizer.decode(ids[:limit], skip_special_tokens=True)
+
+    for r in rows:
+        for m in r["messages"]:
+            m["content"] = cut(m["content"], cfg.max_request_tokens, "request")
+        r["response"] = cut(r["response"], cfg.max_response_tokens, "response")
+    return counts
+
+
+def split_val(rows: list[dict], cfg: DataBuildConfig) -> tuple[list[dict], list[dict]]:
+    """Hold out a seeded share of requests (per kind group), keeping all rows of a request together."""
+    def group(r):
+        return r["pair_id"] or r["id"].rsplit("#", 1)[0]
+    val: set[str] = set()
+    for harmful in (True, False):
+        keys = sorted({group(r) for r in rows if (r["pair_id"] is not None) == harmful})
+        random.Random(f"{cfg.seed}:val:{harmful}").shuffle(keys)
+        val.update(keys[:round(len(keys) * cfg.val_fraction)])
+    return [r for r in rows if group(r) not in val], [r for r in rows if group(r) in val]
+
+
+def _counts(rows: list[dict]) -> dict:
+    out: dict = {"total": len(rows), "by_split": {}, "by_kind": {}, "by_source": {}}
+    for r in rows:
+        out["by_split"][r["split"]] = out["by_split"].get(r["split"], 0) + 1
+        out["by_kind"][r["kind"]] = out["by_kind"].get(r["kind"], 0) + 1
+        per = out["by_source"].setdefault(r["source"], {})
+        per[r["split"]] = per.get(r["split"], 0) + 1
+    return out
+
+
+def _model_info(spec: str, model) -> dict:
+    info: dict = {"spec": spec, "class": type(model).__name__,
+                  "num_parameters": sum(p.numel() for p in model.parameters())}
+    try:
+        from repbend.models import resolve_model
+        resolved = resolve_model(spec)
+        fields = resolved.__dict__ if hasattr(resolved, "__dict__") else {}
+        info["resolved"] = {k: str(v) for k, v in fields.items()}
+    except Exception as e:  # resolution details are informative only
+        info["resolved_error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
+    """Build (or resume) the training set in ``out_dir``; returns the manifest."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    chash = config_hash(cfg)
+    finished = _prepare_out(out, chash, overwrite)
+    if finished is not None:
+        return finished
+    timings = {}
+    data = collect(cfg)
+    timings["sources_and_decontam_s"] = round(time.perf_counter() - t0, 2)
+    if not data["harmful"] and not data["benign"]:
+        raise RepbendError("No training requests left after decontamination; check the harmful/benign sources.")
+
+    from repbend.models import load_model
+    from repbend.seeding import seed_everything
+    seed_everything(cfg.seed)
+    t = time.perf_counter()
+    model, tokenizer = load_model(cfg.model)
+    timings["load_model_s"] = round(time.perf_counter() - t, 2)
+    g = cfg.generation
+    jobs = [(user_text(r), g.max_new_tokens_harmful) for r in data["harmful"]]
+    jobs += [(user_text(r), g.max_new_tokens_benign) for r in data["benign"]]
+    t = time.perf_counter()
+    answers = generate_answers(model, tokenizer, jobs, out / CHECKPOINT, cfg, progress)
+    timings["generate_s"] = round(time.perf_counter() - t, 2)
+
+    stats = {"harmful_requests": len(data["harmful"]), "benign_requests": len(data["benign"]),
+             "harmful_complied": 0, "harmful_refused_by_model": 0, "benign_refused_by_model": 0,
+             "empty_answers": 0}
+    rows = make_rows(data, answers, cfg, stats)
+    truncated = truncate(rows, tokenizer, cfg)
+    for r in rows:
+        check_row(r, f"built row {r['id']}")
+    train, val = split_val(rows, cfg)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "val.jsonl", val)
+    write_jsonl(out / "decontam.jsonl", data["dropped"])
+    write_run_info(out, cfg, seed=cfg.seed, config_hash=chash)
+    timings["total_s"] = round(time.perf_counter() - t0, 2)
+    manifest = {
+        "format": FORMAT, "config_hash": chash, "seed": cfg.seed, "model": _model_info(cfg.model, model),
+        "generation": g.model_dump(), "requests": stats,
+        "counts": {"train": _counts(train), "val": _counts(val)},
+        "decontamination": {"settings": cfg.decontam.model_dump(), "dropped": len(data["dropped"]),
+                            "by_source": data["decontam_summary"],
+                            "evaluation_prompts": len(data["evaluation"])},
+        "truncated": {**truncated, "max_request_tokens": cfg.max_request_tokens,
+                      "max_response_tokens": cfg.max_response_tokens},
+        "inputs": data["inputs"],
+        "outputs": {name: {"sha256": sha256_file(out / name), "rows": n}
+                    for name, n in (("train.jsonl", len(train)), ("val.jsonl", len(val)),
+                                    ("decontam.jsonl", len(data["dropped"])), (CHECKPOINT, len(set(answers))))},
+        "timings": timings, "versions": package_versions(),
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
