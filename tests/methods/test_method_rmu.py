@@ -57,7 +57,7 @@ def test_hand_derived_tiny_case():
     Retain token h = (1, 1), reference (0, 1): ||diff||^2 / H = 0.5 = L_retain.
     L = 0.5 + 3 * 0.5 = 2.0.
     """
-    cfg = RMUConfig(layer=1, steering_coef=2.0, alpha=3.0, retain_splits=["retain"], forget_tokens="response_all")
+    cfg = RMUConfig(layer=1, steering_coef=2.0, alpha=3.0, retain_splits=["retain"])
     m = RMU(cfg, num_layers=1, hidden_size=2)
     m.u = torch.tensor([1.0, 0.0])
     batch = {"unsafe": collate([Encoded([5, 6], 1, 1)], pad_id=0), "retain": collate([Encoded([5], 1, 0)], 0)}

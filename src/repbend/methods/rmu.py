@@ -10,11 +10,15 @@ At one hidden-state index l (0 = embeddings, i = output of block i):
 
 The paper writes squared L2 norms averaged over tokens; its public code uses ``mse_loss`` (mean over tokens
 AND the H hidden dimensions), which is what the 1/H above reproduces, so its coefficients (c = 6.5,
-alpha = 1200 for Zephyr-7B) keep their meaning. Padding never enters a mean (the code's mse_loss also
-averaged over zeroed padding positions). The paper hooks the output of ``model.layers[7]`` (0-based
-module index 7), which is hidden-state index 8 here, and updates only the MLP weights of modules 5, 6, 7;
-:meth:`RMU.trainable_layers` returns those 0-based blocks so the trainer puts adapters (or full-FT
-gradients) only there; which projections are trained is the LoRA ``target_modules`` setting.
+alpha = 1200 for Zephyr-7B) keep their meaning. The forget tokens default to the harmful ANSWER: the
+chat-template prefix (system prompt, role tags) is the same text in unsafe and retain rows, so with a
+causal model its activations are identical and ``request_response`` would ask the same states to move to
+c*u and to stay put at once (the paper's forget documents share no such prefix). Padding never enters
+a mean (the code's mse_loss also averaged over zeroed padding positions). The paper hooks the output of
+``model.layers[7]`` (0-based module index 7), which is hidden-state index 8 here, and updates only the
+MLP weights of modules 5, 6, 7; :meth:`RMU.trainable_layers` returns those 0-based blocks so the trainer
+puts adapters (or full-FT gradients) only there; which projections are trained is the LoRA
+``target_modules`` setting (full fine-tuning trains every weight of those blocks).
 """
 from __future__ import annotations
 
@@ -36,9 +40,9 @@ class RMUConfig(Section):
     steering_coef: float = Field(6.5, gt=0, description="Steering coefficient c: unsafe activations go to c*u.")
     alpha: float = Field(1200.0, ge=0, description="Weight of the retain MSE (paper: 1200 for Zephyr-7B).")
     seed: int = Field(0, description="Seed of the fixed random direction u (independent of the training seed).")
-    forget_tokens: TokenMode = Field("request_response", description=(
-        "Unsafe tokens pushed toward c*u: request_response (every real token, like the paper's forget "
-        "documents), response_all, request_all, request_last, or response_first_k."))
+    forget_tokens: TokenMode = Field("response_all", description=(
+        "Unsafe tokens pushed toward c*u: response_all (default), request_response (every real token, like "
+        "the paper's forget documents), request_all, request_last, or response_first_k."))
     forget_first_k: int = Field(20, ge=1, description="k for forget_tokens=response_first_k.")
     retain_splits: list[Literal["retain", "safe"]] = Field(["retain", "safe"], min_length=1, description=(
         "Splits whose real tokens keep their layer-l activations (MSE to the frozen model)."))
