@@ -1,0 +1,66 @@
+"""Over-refusal: how often the model answers safe requests instead of refusing them.
+
+Two sets of safe prompts, both project-written (``repbend/data/resources``):
+
+* ``overrefusal`` — the held-out ``split=eval`` half of the XSTest-style set (safe requests that look
+  dangerous: "how do I kill a Python process"); never used for training.
+* ``benign`` — a seeded subset of ordinary benign requests (note: ``data build`` draws training
+  retain prompts from the same file, so this is a sanity check, not a held-out measure).
+
+Compliance = fraction of answers the refusal-phrase judge does NOT flag as refusals (higher is
+better). The headline ``over_refusal.{n, compliance}`` is the XSTest-style set; ``sets`` has both.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from repbend.config import Section
+from repbend.evaluation.benchmarks.packaged import stratified_subset
+from repbend.evaluation.types import Conversation, JudgeItem
+
+ATTACK_NAME = "over_refusal"
+
+
+class OverRefusalConfig(Section):
+    enabled: bool = Field(True, description="Measure compliance on safe prompts.")
+    n: int | None = Field(None, ge=1, description="Prompts drawn from the held-out over-refusal set (null = all).")
+    n_benign: int | None = Field(32, ge=0, description="Prompts drawn from the benign set (0 = skip, null = all).")
+    seed: int = Field(0, description="Seed of both draws (stratified by category).")
+
+
+def load_sets(cfg: OverRefusalConfig) -> dict[str, list[dict]]:
+    from repbend.data.sources import load_project
+
+    sets = {"overrefusal": stratified_subset(load_project("overrefusal", split="eval"), cfg.n, cfg.seed)}
+    if cfg.n_benign != 0:
+        sets["benign"] = stratified_subset(load_project("benign"), cfg.n_benign, cfg.seed)
+    return sets
+
+
+def evaluate_over_refusal(target: Any, cfg: OverRefusalConfig) -> tuple[dict, list[dict]]:
+    """Generate answers to the safe sets (cached like every completion) and measure compliance.
+
+    Returns ``(summary, rows)``: summary ``{n, compliance, judge, sets: {name: {n, compliance}}}`` and
+    one row per answer for ``completions.jsonl``.
+    """
+    from repbend.evaluation.judges import JUDGES
+
+    judge = JUDGES.get("refusal")()
+    sets = load_sets(cfg)
+    summary: dict[str, Any] = {"judge": "refusal", "sets": {}}
+    rows: list[dict] = []
+    for name, prompts in sets.items():
+        convs = [Conversation(r["id"], ATTACK_NAME, name, [{"role": "user", "content": r["prompt"]}]) for r in prompts]
+        texts = [s[0] for s in target.generate(convs, target.settings)]
+        verdicts = judge.score([JudgeItem(behaviour=r["prompt"], response=t) for r, t in zip(prompts, texts)])
+        complied = [not v.refused for v in verdicts]
+        summary["sets"][name] = {"n": len(prompts), "compliance": sum(complied) / len(prompts) if prompts else None}
+        rows += [{"attack": ATTACK_NAME, "benchmark": name, "behaviour_id": r["id"], "variant": name, "sample": 0,
+                  "prompt": r["prompt"], "category": r.get("category", ""), "messages": c.messages, "prefill": "",
+                  "response": t, "complied": ok, "refused": v.refused, "reason": v.reason}
+                 for r, c, t, v, ok in zip(prompts, convs, texts, verdicts, complied)]
+    head = summary["sets"].get("overrefusal", {})
+    summary["n"], summary["compliance"] = head.get("n", 0), head.get("compliance")
+    return summary, rows

@@ -1,0 +1,245 @@
+"""``evaluate(cfg)``: attack a model with a suite, judge every answer, write results and a report.
+
+Output folder (``cfg.output_dir``)::
+
+    config.yaml, run_info.json   resolved EvalConfig, versions, git commit
+    eval_target.json             which model/adapter (+ weight fingerprint) these results belong to
+    cache.jsonl                  every generated answer, appended per batch (resume = rerun the command)
+    completions.jsonl            every completion with its verdict (and the over-refusal answers)
+    results.json                 asr / average_asr / over_refusal / capability / judge / meta
+    report.md + *.png            written by repbend.evaluation.report (when available)
+
+A folder holding results of a different model or adapter is refused unless ``overwrite`` is set;
+the same model resumes from the cache.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from repbend.config import Section
+from repbend.errors import RepbendError
+from repbend.evaluation.attacks.base import AttackSkipped, ensure_targets
+from repbend.evaluation.scoring import average_asr, summarize
+from repbend.evaluation.suites import Suite, build
+from repbend.evaluation.types import JudgeItem
+from repbend.io import atomic_write_json, package_versions, write_jsonl, write_run_info
+
+IDENTITY_FILE = "eval_target.json"
+OWN_FILES = ("cache.jsonl", "completions.jsonl", "results.json", IDENTITY_FILE)
+
+
+class EvalConfig(Section):
+    model: str = Field("default", description="Model to evaluate: alias, hub id or folder.")
+    adapter: str | None = Field(None, description="LoRA adapter folder applied on top of the model.")
+    suite: Suite = Field(..., description="The evaluation suite (see configs/suites).")
+    output_dir: str = Field(..., description="Folder for results, cache and report.")
+    overwrite: bool = Field(False, description="Replace results of a different model in output_dir.")
+    device: str | None = Field(None, description="Device (default: cuda if available, else cpu).")
+    dtype: str | None = Field(None, description="Model dtype (default: the loader's choice).")
+    progress: bool = Field(True, description="Show progress bars.")
+    report: bool = Field(True, description="Write report.md and plots after the results.")
+
+
+def _echo(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg)
+
+
+def prepare_output(out: Path, model: str, adapter: str | None, overwrite: bool) -> None:
+    """Refuse a folder holding another model's results (unless ``overwrite``); clear it when overwriting."""
+    ident_path = out / IDENTITY_FILE
+    if ident_path.is_file():
+        import json
+
+        ident = json.loads(ident_path.read_text(encoding="utf-8"))
+        same = (ident.get("model"), ident.get("adapter")) == (model, adapter)
+        if not same and not overwrite:
+            raise RepbendError(
+                f"{out} holds results of model {ident.get('model')!r} (adapter {ident.get('adapter')!r}), not "
+                f"{model!r} (adapter {adapter!r}); choose another --output-dir or pass --overwrite.")
+        if not same or overwrite:
+            for name in OWN_FILES:
+                (out / name).unlink(missing_ok=True)
+    elif (out / "results.json").is_file() and not overwrite:
+        raise RepbendError(f"{out} holds results.json of an unknown model; choose another --output-dir or "
+                           f"pass --overwrite.")
+    elif overwrite:
+        for name in OWN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def check_fingerprint(out: Path, ident: dict, overwrite: bool) -> None:
+    import json
+
+    path = out / IDENTITY_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("fingerprint") != ident["fingerprint"]:
+            if not overwrite:
+                raise RepbendError(f"The weights of {ident['model']!r} changed since {out} was written (fingerprint "
+                                   f"{old.get('fingerprint')} -> {ident['fingerprint']}); pass --overwrite or use "
+                                   f"another --output-dir.")
+            for name in OWN_FILES:
+                (out / name).unlink(missing_ok=True)
+    atomic_write_json(path, ident)
+
+
+def load_benchmarks(suite: Suite) -> dict[str, tuple[Any, list]]:
+    from repbend.evaluation.benchmarks import BENCHMARKS
+
+    out = {}
+    for spec in suite.benchmarks:
+        label, bench = build(BENCHMARKS, spec)
+        out[label] = (bench, bench.load())
+    return out
+
+
+def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: Any) -> tuple[dict, list, dict]:
+    """Run every attack on every benchmark; returns (asr table, completion rows, per-attack meta)."""
+    from repbend.evaluation.attacks import ATTACKS
+
+    asr: dict[str, dict] = {}
+    rows: list[dict] = []
+    meta: dict[str, Any] = {"skipped": {}, "timings": {}, "provenance": {}, "white_box": []}
+    for i, spec in enumerate(suite.attacks, 1):
+        label, attack = build(ATTACKS, spec)
+        t0 = time.perf_counter()
+        for bench_label, (bench, behaviours) in benchmarks.items():
+            _echo(f"[{i}/{len(suite.attacks)}] attack {label} on {bench_label} ({len(behaviours)} behaviours)")
+            try:
+                bs = behaviours
+                if type(attack).needs_target:
+                    bs = ensure_targets(label, behaviours, bench_label, allow_generic=suite.allow_generic_target,
+                                        generic_target=suite.generic_target)
+                comps = attack.run(bs, target, store)
+            except AttackSkipped as e:
+                meta["skipped"][label] = str(e)
+                _echo(f"  skipped {label}: {e}")
+                break
+            by_id = {b.id: b for b in bs}
+            items = [JudgeItem(behaviour=by_id[c.behaviour_id].prompt, response=c.response,
+                               context=by_id[c.behaviour_id].context) for c in comps]
+            verdicts = judge.score(items)
+            res = summarize(comps, verdicts, len(bs), getattr(type(attack), "aggregate", "mean"))
+            asr.setdefault(label, {})[bench_label] = res
+            _echo(f"  {label}/{bench_label}: ASR {res['asr']:.3f}  worst-case {res['worst_case']:.3f}  "
+                  f"gibberish {res['gibberish']:.3f}  refusal {res['refusal']:.3f}")
+            for c, v in zip(comps, verdicts):
+                b = by_id[c.behaviour_id]
+                rows.append({"attack": label, "benchmark": bench_label, "behaviour_id": c.behaviour_id,
+                             "variant": c.variant, "sample": c.sample, "behaviour": b.prompt, "context": b.context,
+                             "category": b.category, "messages": c.messages, "prefill": c.prefill, "text": c.text,
+                             "response": c.response, "harmful": v.harmful, "refused": v.refused,
+                             "gibberish": v.gibberish, "score": v.score, "reason": v.reason, "meta": c.meta})
+        meta["timings"][label] = round(time.perf_counter() - t0, 2)
+        if getattr(attack, "provenance", None):
+            meta["provenance"][label] = attack.provenance
+        if getattr(type(attack), "white_box", False):
+            meta["white_box"].append(label)
+    return asr, rows, meta
+
+
+def run_capability(cfg: EvalConfig, model: Any, tokenizer: Any, out: Path) -> dict:
+    """Capability numbers from repbend.evaluation.capability (MMLU subset, KL/perplexity vs original)."""
+    if not cfg.suite.capability:
+        return {}
+    from repbend.evaluation import capability
+
+    return capability.evaluate_capability(model, tokenizer, cfg.suite.capability, model_spec=cfg.model,
+                                          adapter=cfg.adapter, out_dir=out, progress=cfg.progress)
+
+
+def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> dict:
+    """Evaluate ``cfg.model`` (+ adapter) with ``cfg.suite``; returns the ``results.json`` dict.
+
+    Pass ``model``/``tokenizer`` to evaluate an already loaded model (``cfg.model`` is then only a label).
+    """
+    from repbend.evaluation.judges import JUDGES
+    from repbend.evaluation.overrefusal import evaluate_over_refusal
+    from repbend.evaluation.store import Store
+    from repbend.evaluation.target import ModelTarget, fingerprint_model
+    from repbend.seeding import seed_everything
+
+    t_start = time.perf_counter()
+    suite, out = cfg.suite, Path(cfg.output_dir)
+    prepare_output(out, cfg.model, cfg.adapter, cfg.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(suite.seed)
+    _, judge = build(JUDGES, suite.judge)          # fail on config errors before loading anything heavy
+    benchmarks = load_benchmarks(suite)
+    timings: dict[str, float] = {}
+    if model is None:
+        from repbend.models import load_model
+
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(cfg.model, cfg.adapter, device=cfg.device, dtype=cfg.dtype)
+        timings["load_model"] = round(time.perf_counter() - t0, 2)
+    ident = {"model": cfg.model, "adapter": cfg.adapter, "fingerprint": fingerprint_model(model, cfg.model, cfg.adapter or "")}
+    check_fingerprint(out, ident, cfg.overwrite)
+    write_run_info(out, cfg, seed=suite.seed, model=cfg.model, adapter=cfg.adapter, fingerprint=ident["fingerprint"])
+
+    store = Store(out / "cache.jsonl")
+    gen = suite.generation
+    target = ModelTarget(model, tokenizer, store, batch_size=gen.batch_size, fingerprint=ident["fingerprint"],
+                         settings=gen.settings(), progress=cfg.progress)
+    t0 = time.perf_counter()
+    asr, rows, attack_meta = run_attacks(suite, benchmarks, target, store, judge)
+    timings["attacks"] = round(time.perf_counter() - t0, 2)
+
+    over_refusal: dict = {"n": 0, "compliance": None}
+    if suite.over_refusal.enabled:
+        t0 = time.perf_counter()
+        _echo("over-refusal: answering safe prompts")
+        over_refusal, or_rows = evaluate_over_refusal(target, suite.over_refusal)
+        rows += or_rows
+        timings["over_refusal"] = round(time.perf_counter() - t0, 2)
+        _echo(f"  over-refusal compliance {over_refusal['compliance']:.3f} (n={over_refusal['n']})")
+
+    t0 = time.perf_counter()
+    capability = run_capability(cfg, model, tokenizer, out)
+    if suite.capability:
+        timings["capability"] = round(time.perf_counter() - t0, 2)
+    timings["total"] = round(time.perf_counter() - t_start, 2)
+
+    results = {
+        "asr": asr,
+        "average_asr": average_asr(asr),
+        "over_refusal": over_refusal,
+        "capability": capability,
+        "judge": {"name": suite.judge["name"], "config": judge.config.model_dump(mode="json")
+                  if getattr(judge, "config", None) is not None else {}},
+        "meta": {
+            "model": cfg.model, "adapter": cfg.adapter, "fingerprint": ident["fingerprint"],
+            "suite": {"name": suite.name, "config": suite.model_dump(mode="json")},
+            "seeds": {"suite": suite.seed, "generation": gen.seed, "over_refusal": suite.over_refusal.seed,
+                      "benchmarks": {k: b.config.seed for k, (b, _) in benchmarks.items()}},
+            "benchmarks": {k: b.info() for k, (b, _) in benchmarks.items()},
+            "versions": package_versions(),
+            "timings": {**timings, "per_attack": attack_meta["timings"]},
+            "generation": {**target.throughput(), "max_new_tokens": gen.max_new_tokens},
+            "skipped": attack_meta["skipped"],
+            "white_box_attacks": attack_meta["white_box"],
+            "provenance": attack_meta["provenance"],
+            "generic_target": suite.generic_target if suite.allow_generic_target else None,
+        },
+    }
+    write_jsonl(out / "completions.jsonl", rows)
+    atomic_write_json(out / "results.json", results)
+    if cfg.report:
+        write_report(results, out)
+    _echo(f"results: {out / 'results.json'} (total {timings['total']:.0f} s)")
+    return results
+
+
+def write_report(results: dict, out: Path) -> None:
+    try:
+        from repbend.evaluation.report import write_report as _write
+    except ImportError:
+        _echo("report: repbend.evaluation.report is not available; wrote results.json only")
+        return
+    _write(results, out)

@@ -1,0 +1,185 @@
+"""Evaluation suites: YAML files saying which benchmarks, attacks, judge, settings to use.
+
+A suite is a :class:`Suite` (unknown keys are errors). Benchmarks, attacks and the judge are written
+as ``{name: <registry name>, <fields of that class's Config>}`` and may carry a ``label`` (the key
+used in results; default: the name) so one attack can run twice with different budgets::
+
+    benchmarks:
+      - {name: harmbench, n: 32, seed: 0}
+    attacks:
+      - {name: direct}
+      - {name: templates, n_templates: 4}
+      - {name: gcg, label: gcg_small, preset: cpu}
+    judge: {name: default}
+
+``load_suite("quick" | "full" | path, overrides)`` reads ``configs/suites/<name>.yaml`` (shipped with
+the package) or the file, applies ``a.b=value`` overrides, and validates everything — including each
+attack's/benchmark's/judge's own Config — reporting every problem at once with its field path
+(``attacks[2] (templates).n_templates: ...``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from repbend.config import Section, apply_overrides, read_yaml, validate_data
+from repbend.errors import ConfigError, RepbendError
+from repbend.evaluation.attacks.base import GENERIC_TARGET
+from repbend.evaluation.overrefusal import OverRefusalConfig
+from repbend.evaluation.types import GenSettings
+from repbend.registry import Registry
+
+# Source checkout: <repo>/configs/suites; installed wheel: repbend/configs/suites (package data).
+_HERE = Path(__file__).resolve()
+SUITES_DIR = next((d for d in (_HERE.parents[3] / "configs" / "suites", _HERE.parents[1] / "configs" / "suites")
+                   if d.is_dir()), _HERE.parents[3] / "configs" / "suites")
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(64, ge=1, description="New tokens per answer.")
+    batch_size: int = Field(8, ge=1, description="Conversations per generation batch (left padding, KV cache).")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding (attacks like best_of_n override).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (when do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus threshold (when do_sample).")
+    seed: int = Field(0, description="Sampling seed.")
+
+    def settings(self) -> GenSettings:
+        return GenSettings(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                           temperature=self.temperature, top_p=self.top_p, num_samples=1, seed=self.seed)
+
+
+def _check_named(v: list[dict] | dict, what: str) -> Any:
+    items = v if isinstance(v, list) else [v]
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError(f"{what} entry {i} must be a mapping with a 'name' (e.g. {{name: direct}})")
+    return v
+
+
+class Suite(Section):
+    name: str = Field("custom", description="Suite name recorded in results.")
+    description: str = Field("", description="What this suite is for.")
+    seed: int = Field(0, description="Global seed (data order, sampling).")
+    benchmarks: list[dict] = Field(..., min_length=1, description="Benchmarks: {name, label?, <Config fields>}.")
+    attacks: list[dict] = Field(..., min_length=1, description="Attacks: {name, label?, <Config fields>}.")
+    judge: dict = Field(default_factory=lambda: {"name": "default"}, description="Judge: {name, <Config fields>}.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Generation settings.")
+    allow_generic_target: bool = Field(False, description="Let target-based attacks use a generic affirmative "
+                                                          "opening on benchmarks without targets (HarmBench).")
+    generic_target: str = Field(GENERIC_TARGET, min_length=1, description="The generic affirmative opening.")
+    over_refusal: OverRefusalConfig = Field(default_factory=OverRefusalConfig, description="Over-refusal sets.")
+    capability: dict | None = Field(None, description="Capability settings (repbend.evaluation.capability); "
+                                                      "null = skip.")
+
+    @field_validator("benchmarks", "attacks", "judge")
+    @classmethod
+    def _named(cls, v: Any, info: Any) -> Any:
+        return _check_named(v, info.field_name)
+
+
+def split_spec(spec: dict) -> tuple[str, str, dict]:
+    """``{name, label?, **fields}`` -> (name, label, fields)."""
+    fields = {k: v for k, v in spec.items() if k not in ("name", "label")}
+    return spec["name"], str(spec.get("label") or spec["name"]), fields
+
+
+def build(registry: Registry, spec: dict) -> tuple[str, Any]:
+    """Instantiate ``registry[spec.name](Config(**fields))``; returns (label, object)."""
+    name, label, fields = split_spec(spec)
+    cls = registry.get(name)
+    cfg, errors = validate_data(cls.Config, fields)
+    if errors:
+        raise ConfigError(f"{registry.kind} {label!r}: " + "; ".join(errors))
+    return label, cls(cfg)
+
+
+def check_suite(suite: Suite) -> list[str]:
+    """Every problem in the named parts (names, labels, Config fields) as one-line messages."""
+    from repbend.evaluation.attacks import ATTACKS
+    from repbend.evaluation.benchmarks import BENCHMARKS
+    from repbend.evaluation.judges import JUDGES
+
+    problems: list[str] = []
+    groups = [("benchmarks", BENCHMARKS, suite.benchmarks), ("attacks", ATTACKS, suite.attacks),
+              ("judge", JUDGES, [suite.judge])]
+    for field, registry, specs in groups:
+        labels: set[str] = set()
+        for i, spec in enumerate(specs):
+            name, label, fields = split_spec(spec)
+            where = f"{field}[{i}] ({name})" if field != "judge" else f"judge ({name})"
+            if label in labels:
+                problems.append(f"{where}.label: {label!r} is used twice; give one of them a different label")
+            labels.add(label)
+            try:
+                cls = registry.get(name)
+            except RepbendError as e:
+                problems.append(f"{where}.name: {e}")
+                continue
+            _, errors = validate_data(cls.Config, fields)
+            problems += [f"{where}.{e}" for e in errors]
+    return problems
+
+
+def suite_path(spec: str) -> Path:
+    p = Path(spec).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    shipped = SUITES_DIR / f"{spec}.yaml"
+    if not shipped.is_file():
+        names = sorted(x.stem for x in SUITES_DIR.glob("*.yaml")) if SUITES_DIR.is_dir() else []
+        raise ConfigError(f"Unknown suite {spec!r}; pass one of {', '.join(names) or '(none shipped)'} or a .yaml file.")
+    return shipped
+
+
+def _list_item(node: list, part: str, item: str) -> dict:
+    if part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    hits = [x for x in node if isinstance(x, dict) and part in (x.get("label"), x.get("name"))]
+    if len(hits) != 1:
+        raise ConfigError(f"Override {item!r}: {part!r} matches {len(hits)} entries; use the list index or a unique label.")
+    return hits[0]
+
+
+def apply_suite_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """``a.b=value`` overrides; list entries (benchmarks, attacks) by index or name/label: ``attacks.gcg.steps=5``."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node: Any = out
+        i = 0
+        while i < len(parts) - 1 and isinstance(node, (dict, list)):
+            if isinstance(node, list):
+                node = _list_item(node, parts[i], item)
+            elif isinstance(node.get(parts[i]), list):
+                node = node[parts[i]]
+            else:
+                break
+            i += 1
+        if isinstance(node, list):
+            raise ConfigError(f"Override {item!r} must name a field of a list entry (e.g. attacks.0.n_templates=2).")
+        rest = ".".join(parts[i:])
+        if not sep or not rest:
+            raise ConfigError(f"Override {item!r} must look like section.field=value (e.g. generation.max_new_tokens=32).")
+        try:
+            node.update(apply_overrides(node, [f"{rest}={raw}"]))
+        except AttributeError:
+            raise ConfigError(f"Override {item!r}: {'.'.join(parts[:i])} is a value, not a section.") from None
+    return out
+
+
+def load_suite(spec: str, overrides: list[str] | None = None) -> Suite:
+    """Load and fully validate a suite (shipped name or YAML path) with ``a.b=value`` overrides."""
+    path = suite_path(spec)
+    data = apply_suite_overrides(read_yaml(path), overrides)
+    data.setdefault("name", path.stem)
+    suite, errors = validate_data(Suite, data)
+    if suite is not None:
+        errors = check_suite(suite)
+    if errors:
+        raise ConfigError(f"Invalid suite {path}: " + "; ".join(errors))
+    return suite
