@@ -110,7 +110,7 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
     eos = set(_eos_ids(model, tokenizer))
     cfg = copy.deepcopy(model.generation_config)
     cfg.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
-               top_k=None, pad_token_id=pad_id, eos_token_id=sorted(eos), max_length=None)
+               top_k=None, pad_token_id=pad_id, eos_token_id=sorted(eos), max_length=None, use_cache=True)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(jobs), desc="generate", unit="seq", disable=not progress)
@@ -129,7 +129,7 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
                 processors.append(_RowSampler(gens, temperature, top_p))
             with torch.inference_mode():
                 out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg,
-                                     logits_processor=processors, use_cache=True)
+                                     logits_processor=processors)
             for r, job in enumerate(chunk):
                 new = out[r, width:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in eos), len(new))
