@@ -231,15 +231,25 @@ def _counts(rows: list[dict]) -> dict:
 
 
 def _model_info(spec: str, model) -> dict:
+    """Spec, resolved location and checksums of the model that wrote the answers."""
     info: dict = {"spec": spec, "class": type(model).__name__,
-                  "num_parameters": sum(p.numel() for p in model.parameters())}
+                  "num_parameters": sum(p.numel() for p in model.parameters()),
+                  "revision": getattr(model.config, "_commit_hash", None)}
     try:
         from repbend.models import resolve_model
         resolved = resolve_model(spec)
-        fields = resolved.__dict__ if hasattr(resolved, "__dict__") else {}
-        info["resolved"] = {k: str(v) for k, v in fields.items()}
-    except Exception as e:  # resolution details are informative only
+        info["resolved"] = {k: v for k, v in vars(resolved).items() if v not in (None, "")}
+        folder = Path(resolved.location)
+    except Exception as e:  # informative only: never fail a finished build here
         info["resolved_error"] = f"{type(e).__name__}: {e}"
+        return info
+    if (folder / "repbend-manifest.json").is_file():  # the converted default model records its own checksums
+        m = json.loads((folder / "repbend-manifest.json").read_text())
+        info["source"] = m.get("source")
+        info["files"] = {k: v.get("sha256") for k, v in m.get("files", {}).items()}
+    elif folder.is_dir():
+        info["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+                         if p.is_file() and (p.suffix in (".json", ".safetensors") and p.stat().st_size < 2 << 30)}
     return info
 
 
