@@ -1,0 +1,166 @@
+"""Training configuration (``repbend train --config C``): one YAML file, every field documented.
+
+Top-level sections: ``model``, ``data``, ``method`` (name + params checked against the method's own
+``Config`` from the ``METHODS`` registry), ``lora``, ``full_finetune``, ``training``, ``output_dir``.
+:func:`check_train_config` adds the checks that need the model's shape or the file system, still
+without loading any model, so ``repbend validate`` can report every problem at once.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from repbend.config import Section, format_errors
+from repbend.errors import RepbendError
+
+TRAIN_SPLITS = ("safe", "unsafe", "retain")
+
+
+class ModelSection(Section):
+    name: str = Field("default", description="Base model: hub id, local folder, or alias (default = SmolLM2-135M-Instruct).")
+    adapter: str | None = Field(None, description="Existing LoRA adapter folder to continue training (LoRA only).")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (only for models you trust).")
+
+
+class DataSection(Section):
+    dir: str = Field(..., description="Built dataset folder (`repbend data build`): manifest.json + train.jsonl.")
+    batch_size: dict[str, int] = Field(
+        default_factory=lambda: {"safe": 4, "unsafe": 4, "retain": 4},
+        description="Rows per step and process for each split (pair rows follow unsafe).")
+    max_request_tokens: int = Field(512, ge=1, description="Requests are cut to their last N tokens.")
+    max_response_tokens: int = Field(512, ge=1, description="Responses are cut to their first N tokens.")
+    length_bucketing: bool = Field(False, description="Draw rows of similar length together (less padding).")
+    bucket_batches: int = Field(16, ge=2, description="With length_bucketing: sort windows of this many batches.")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _sizes(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k in v if k not in TRAIN_SPLITS]
+        if bad:
+            raise ValueError(f"unknown split(s) {bad}; use {list(TRAIN_SPLITS)} (pair rows follow unsafe)")
+        if any(n < 1 for n in v.values()):
+            raise ValueError("every batch size must be >= 1")
+        return v
+
+
+class MethodSection(Section):
+    name: str = Field("repbend", description="Training method (registry METHODS: repbend, circuit_breakers, rmu, npo).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The method's own options (see its Config).")
+
+    @model_validator(mode="after")
+    def _params(self) -> "MethodSection":
+        cls = method_class(self.name)
+        try:
+            resolved = cls.Config.model_validate(self.params)
+        except ValidationError as e:
+            raise ValueError("; ".join(f"params.{line}" for line in format_errors(e))) from None
+        object.__setattr__(self, "params", resolved.model_dump(mode="json"))
+        return self
+
+    def build_config(self):
+        return method_class(self.name).Config.model_validate(self.params)
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field("all-linear", description="Module names to adapt, or 'all-linear'.")
+    layers_to_transform: list[int] | None = Field(
+        None, description="Decoder blocks (0-based) that get adapters; null = the method's choice "
+                          "(RepBend: blocks up to the last target layer), else all blocks.")
+
+
+class TrainingSection(Section):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule (transformers.get_scheduler).")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    max_steps: int = Field(150, ge=1, description="Optimizer steps to run.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch x accum x processes).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null = no clipping.")
+    grad_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% slower).")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (mixed precision) on GPU/CPU.")
+    seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
+    log_every: int = Field(1, ge=1, description="Write loss parts to metrics.csv/TensorBoard every N steps.")
+    layer_stats_every: int = Field(25, ge=0, description="Per-layer policy-vs-reference L2/cosine (layers.csv) every N steps; 0 = off.")
+    eval_every: int = Field(0, ge=0, description="Loss on val.jsonl every N steps (0 = off).")
+    eval_batches: int = Field(4, ge=1, description="Batches in each evaluation.")
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only the final weights).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints to keep.")
+
+
+class TrainConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
+    data: DataSection = Field(..., description="Training data.")
+    method: MethodSection = Field(default_factory=MethodSection, description="Loss / method.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings (ignored with full_finetune).")
+    full_finetune: bool = Field(False, description="Train all weights; the reference is a frozen copy (+1 model in memory).")
+    training: TrainingSection = Field(default_factory=TrainingSection, description="Optimisation and logging.")
+    output_dir: str = Field(..., description="Run folder (adapter or weights, config, metrics, checkpoints).")
+
+    @model_validator(mode="after")
+    def _ft_vs_adapter(self) -> "TrainConfig":
+        if self.full_finetune and self.model.adapter:
+            raise ValueError("full_finetune: cannot continue a LoRA adapter (model.adapter) with full fine-tuning; "
+                             "merge it first (repbend merge) or set full_finetune false")
+        if self.full_finetune and "lora" in self.model_fields_set:
+            raise ValueError("full_finetune: the lora section has no effect with full fine-tuning; remove it "
+                             "or set full_finetune false")
+        return self
+
+
+def method_class(name: str):
+    """The registered method class (RepbendError with did-you-mean when unknown or not importable)."""
+    from repbend.methods import METHODS
+
+    try:
+        return METHODS.get(name)
+    except (ImportError, AttributeError) as e:
+        raise RepbendError(f"Method {name!r} is registered but cannot be imported ({e}).") from None
+
+
+def model_shape(spec: str) -> tuple[int, int] | None:
+    """(num_layers, hidden_size) read from a local model folder's config.json without loading weights; None if unknown."""
+    candidates = [Path(spec)]
+    try:
+        from repbend.models import resolve_model  # type: ignore[attr-defined]
+
+        resolved = resolve_model(spec)
+        if resolved.kind in ("alias", "folder"):
+            candidates.insert(0, Path(resolved.location))
+    except Exception:  # resolving is best-effort here; load time gives the definitive answer
+        pass
+    for c in candidates:
+        f = c / "config.json"
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+            cfg = cfg.get("text_config", cfg)
+            if "num_hidden_layers" in cfg and "hidden_size" in cfg:
+                return int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+    return None
+
+
+def check_train_config(cfg: TrainConfig, shape: tuple[int, int] | None = None) -> list[str]:
+    """Checks beyond the schema (files, layer ranges) that need no model weights; returns error lines."""
+    errors: list[str] = []
+    data = Path(cfg.data.dir)
+    if not (data / "train.jsonl").is_file():
+        errors.append(f"data.dir: {data} has no train.jsonl; build one with `repbend data build` or fix the path")
+    if cfg.model.adapter and not (Path(cfg.model.adapter) / "adapter_config.json").is_file():
+        errors.append(f"model.adapter: {cfg.model.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    shape = shape or model_shape(cfg.model.name)
+    if shape is not None:
+        num_layers, hidden = shape
+        try:
+            method_class(cfg.method.name)(cfg.method.build_config(), num_layers, hidden)
+        except RepbendError as e:
+            errors.append(str(e))
+        bad = [i for i in cfg.lora.layers_to_transform or [] if not 0 <= i < num_layers]
+        if bad and not cfg.full_finetune:
+            errors.append(f"lora.layers_to_transform: blocks {bad} out of range 0..{num_layers - 1}")
+    return errors

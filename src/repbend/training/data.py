@@ -1,0 +1,162 @@
+"""Training data: rows of a built dataset -> encoded pools -> seeded per-step batches of every split.
+
+Each step draws ``batch_size[split]`` rows per process from each split the method needs. Order is an
+epoch-wise permutation seeded by ``(seed, split, epoch)``; process ``r`` of ``W`` takes the r-th slice
+of every global draw, so ranks never see the same row in a step. The sampler's whole state is
+``{split: (epoch, position)}``: saved in checkpoints, it makes ``--resume`` draw exactly the batches an
+uninterrupted run would. ``pair`` rows are not drawn: for unsafe row i the pair is the refusal row with
+the same ``pair_id`` (unsafe rows without one are left out when the method needs ``pair``).
+
+Length bucketing (optional) sorts windows of ``bucket_batches`` consecutive batches of the permutation
+by length and then shuffles the batch order inside the window, so rows of similar length share a
+batch (less padding) while the epoch still covers every row once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from repbend.data.chat import Encoded, collate, encode
+from repbend.errors import RepbendError
+from repbend.methods.base import SeqBatch
+
+_SPLIT_SALT = {"safe": 1, "unsafe": 2, "retain": 3}
+
+
+def load_rows(data_dir: str | Path, part: str = "train") -> list[dict]:
+    """Rows of a built dataset's ``train`` or ``val`` part (schema-checked by ``load_built``)."""
+    from repbend.data.dataset import load_built
+
+    ds = load_built(data_dir)
+    return list(ds.train if part == "train" else ds.val)
+
+
+def split_rows(rows: Sequence[dict], needed: Sequence[str]) -> dict[str, list[dict]]:
+    """Rows per needed split (``pair`` -> aligned refusals of the unsafe rows); RepbendError when one is empty."""
+    by = {s: [r for r in rows if r.get("split") == s] for s in ("safe", "unsafe", "retain")}
+    if "pair" in needed:
+        refusals = {r["pair_id"]: r for r in by["safe"] if r.get("kind") == "refusal" and r.get("pair_id")}
+        by["unsafe"] = [r for r in by["unsafe"] if r.get("pair_id") in refusals]
+        by["pair"] = [refusals[r["pair_id"]] for r in by["unsafe"]]
+    out = {}
+    for s in needed:
+        if not by.get(s):
+            extra = " with a refusal of the same pair_id" if s in ("pair", "unsafe") and "pair" in needed else ""
+            raise RepbendError(f"The training data has no {s!r} rows{extra} but the method needs them; "
+                               f"rebuild the data set with {s} rows or change the method's weights.")
+        out[s] = by[s]
+    return out
+
+
+def encode_rows(tokenizer, rows: Sequence[dict], max_request_tokens: int, max_response_tokens: int,
+                desc: str = "encode") -> list[Encoded]:
+    return [encode(tokenizer, r["messages"], r.get("response"), max_request_tokens=max_request_tokens,
+                   max_response_tokens=max_response_tokens)
+            for r in tqdm(rows, desc=desc, leave=False, disable=len(rows) < 500)]
+
+
+@dataclass
+class _Cursor:
+    epoch: int = 0
+    pos: int = 0
+
+
+class StepSampler:
+    """Seeded, resumable, rank-aware sampling of one batch per split per step."""
+
+    def __init__(self, pools: dict[str, list[Encoded]], batch_size: dict[str, int], seed: int, rank: int = 0,
+                 world: int = 1, bucketing: bool = False, bucket_batches: int = 16):
+        self.pools = pools
+        self.drawn = [s for s in pools if s != "pair"]
+        self.bs = {s: batch_size.get(s, 4) for s in self.drawn}
+        self.seed, self.rank, self.world = seed, rank, world
+        self.bucketing, self.bucket_batches = bucketing, bucket_batches
+        self.cursor = {s: _Cursor() for s in self.drawn}
+        self._perm_cache: dict[str, tuple[int, np.ndarray]] = {}
+
+    def _perm(self, split: str, epoch: int) -> np.ndarray:
+        cached = self._perm_cache.get(split)
+        if cached is None or cached[0] != epoch:  # keep only the current epoch's permutation per split
+            rng = np.random.default_rng([self.seed, _SPLIT_SALT.get(split, 9), epoch])
+            perm = rng.permutation(len(self.pools[split]))
+            if self.bucketing:
+                perm = self._bucket(split, perm, rng)
+            self._perm_cache[split] = cached = (epoch, perm)
+        return cached[1]
+
+    def _bucket(self, split: str, perm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        step = self.bs[split] * self.world
+        lengths = np.array([len(self.pools[split][i].input_ids) for i in perm])
+        out = []
+        for w in range(0, len(perm), step * self.bucket_batches):
+            win = perm[w:w + step * self.bucket_batches][np.argsort(lengths[w:w + step * self.bucket_batches],
+                                                                     kind="stable")]
+            chunks = [win[i:i + step] for i in range(0, len(win), step)]
+            out += [chunks[i] for i in rng.permutation(len(chunks))]
+        return np.concatenate(out)
+
+    def _draw(self, split: str) -> list[int]:
+        need, c = self.bs[split] * self.world, self.cursor[split]
+        idx: list[int] = []
+        while len(idx) < need:
+            perm = self._perm(split, c.epoch)
+            take = perm[c.pos:c.pos + need - len(idx)]
+            idx += take.tolist()
+            c.pos += len(take)
+            if c.pos >= len(perm):
+                c.epoch, c.pos = c.epoch + 1, 0
+        b = self.bs[split]
+        return idx[self.rank * b:(self.rank + 1) * b]
+
+    def next(self) -> dict[str, list[Encoded]]:
+        """This process's rows for the next step: ``{split: [Encoded, ...]}`` (pair aligned with unsafe)."""
+        out = {}
+        for s in self.drawn:
+            idx = self._draw(s)
+            out[s] = [self.pools[s][i] for i in idx]
+            if s == "unsafe" and "pair" in self.pools:
+                out["pair"] = [self.pools["pair"][i] for i in idx]
+        return out
+
+    def state_dict(self) -> dict:
+        return {s: [c.epoch, c.pos] for s, c in self.cursor.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, (epoch, pos) in state.items():
+            if s in self.cursor:
+                self.cursor[s] = _Cursor(int(epoch), int(pos))
+
+
+def collate_splits(items: dict[str, list[Encoded]], pad_id: int) -> tuple[SeqBatch, dict[str, slice]]:
+    """All splits in ONE right-padded batch (longest row sets the width) and each split's row range."""
+    order = [s for s in ("safe", "unsafe", "retain", "pair") if s in items] + \
+            [s for s in items if s not in ("safe", "unsafe", "retain", "pair")]
+    flat, spans, start = [], {}, 0
+    for s in order:
+        flat += items[s]
+        spans[s] = slice(start, start + len(items[s]))
+        start += len(items[s])
+    return collate(flat, pad_id, "right"), spans
+
+
+def rows_of(batch: SeqBatch, sl: slice) -> SeqBatch:
+    return SeqBatch(batch.input_ids[sl], batch.attention_mask[sl], batch.request_mask[sl], batch.response_mask[sl],
+                    batch.last_request_index[sl])
+
+
+def select_rows(batch: SeqBatch, spans: dict[str, slice], splits: Sequence[str]) -> tuple[SeqBatch, dict[str, slice]]:
+    """The rows of ``splits`` only (same width), with their new row ranges."""
+    idx, new, start = [], {}, 0
+    for s in splits:
+        sl = spans[s]
+        idx.append(torch.arange(sl.start, sl.stop))
+        new[s] = slice(start, start + sl.stop - sl.start)
+        start += sl.stop - sl.start
+    i = torch.cat(idx).to(batch.input_ids.device)
+    return SeqBatch(*(t.index_select(0, i) for t in (batch.input_ids, batch.attention_mask, batch.request_mask,
+                                                       batch.response_mask, batch.last_request_index))), new

@@ -1,0 +1,231 @@
+"""``train(cfg) -> run folder``: one accelerate loop for every registered method.
+
+Per micro-batch (see :meth:`Run.loss`): collate the rows of all splits into ONE right-padded batch,
+run ONE no-grad reference pass over the splits that need the reference (LoRA: same network with the
+adapter disabled), ONE policy pass with gradients over the splits that need the policy, then
+``loss, parts = method(batch, policy, reference, progress)``. Nothing here knows a method's name:
+the method's ``needs()`` decides which splits, layers and logits are computed.
+
+Gradient accumulation: each micro-batch loss is already a mean; ``accelerator.backward`` divides it
+by ``grad_accum``, so one optimizer step sees the mean over micro-batches (no per-token re-weighting
+across micro-batches). The scheduler steps once per optimizer step (not per process).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from repbend.errors import ConfigError, DivergenceError
+from repbend.io import write_run_info
+from repbend.methods.base import Need
+from repbend.seeding import seed_everything
+from repbend.training.checkpoint import TrainState, only_trainable_hook, prepare_run_dir, save_checkpoint
+from repbend.training.config import TrainConfig, check_train_config, method_class, model_shape
+from repbend.training.data import StepSampler, collate_splits, encode_rows, load_rows, rows_of, split_rows
+from repbend.training.forward import forward_states, head_fn
+from repbend.training.model_setup import build_models
+from repbend.training.telemetry import Telemetry, layer_stats
+
+
+class Run:
+    """Everything one training run holds; :meth:`loss` is the whole training step's maths."""
+
+    def __init__(self, accelerator, model, reference, ref_context, method, pad_id: int, full_logits: bool):
+        self.acc, self.model, self.method, self.pad_id, self.full_logits = accelerator, model, method, pad_id, full_logits
+        self.reference_model = reference if reference is not None else model
+        self.ref_context = ref_context
+        unwrapped = accelerator.unwrap_model(model)
+        self.head = head_fn(unwrapped.get_output_embeddings())
+        ref_head = head_fn((reference or unwrapped).get_output_embeddings())
+        self.ref_head = lambda x: _in(ref_context, ref_head, x)
+        needs = method.needs()
+        self.policy_needs = {s: n for s, n in needs.items() if n.policy}
+        self.reference_needs = {s: n for s, n in needs.items() if n.reference}
+
+    def batch(self, items):
+        batch, spans = collate_splits(items, self.pad_id)
+        batch = batch.to(self.acc.device)
+        return batch, spans, {s: rows_of(batch, sl) for s, sl in spans.items()}
+
+    def loss(self, items, progress: float):
+        batch, spans, splits = self.batch(items)
+        self.method.check_batch(splits)
+        with torch.no_grad(), self.ref_context(), self.acc.autocast():
+            reference = forward_states(self.reference_model, batch, spans, self.reference_needs, self.ref_head,
+                                       self.full_logits)
+        policy = forward_states(self.model, batch, spans, self.policy_needs, self.head, self.full_logits)
+        loss, parts = self.method(splits, policy, reference, progress)
+        tokens = int(batch.attention_mask.sum())
+        return loss, parts, tokens
+
+    @torch.no_grad()
+    def probe(self, items) -> list[dict]:
+        """Per-layer policy-vs-reference stats on the safe/unsafe rows of ``items`` (telemetry)."""
+        present = [s for s in ("safe", "unsafe") if s in items]
+        if not present:
+            return []
+        batch, spans, splits = self.batch({s: items[s] for s in present})
+        n = self.acc.unwrap_model(self.model).config
+        all_layers = Need(layers=tuple(range(getattr(n, "text_config", n).num_hidden_layers + 1)))
+        needs = {s: all_layers for s in present}
+        pol = forward_states(self.model, batch, spans, needs, self.head)
+        with self.ref_context():
+            ref = forward_states(self.reference_model, batch, spans, needs, self.ref_head)
+        return [{"split": s, **row} for s in present for row in layer_stats(splits[s], pol[s], ref[s])]
+
+
+def _in(ctx, fn, x):
+    with ctx():
+        return fn(x)
+
+
+def _agree_divergence(acc, message: str | None) -> None:
+    """Raise DivergenceError on every process if any process diverged (keeps DDP from hanging)."""
+    flag = torch.tensor([1.0 if message else 0.0], device=acc.device)
+    if acc.num_processes > 1:
+        flag = acc.reduce(flag, reduction="sum")
+    if float(flag) > 0:
+        raise DivergenceError(message or "another process diverged (NaN/inf or exploding representations)")
+
+
+def _mean_across(acc, values: dict[str, float]) -> dict[str, float]:
+    if acc.num_processes == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = acc.reduce(torch.tensor([values[k] for k in keys], device=acc.device, dtype=torch.float64), reduction="mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train ``cfg`` (optionally resuming from the run folder's last checkpoint); return the run folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from transformers import get_scheduler
+
+    t_start = time.time()
+    run_dir, tc = Path(cfg.output_dir), cfg.training
+    # ---- cheap checks first: config, files, layer ranges, data splits (no model weights loaded yet) ----
+    shape = model_shape(cfg.model.name)
+    errors = check_train_config(cfg, shape)
+    if errors:
+        raise ConfigError("Invalid training config: " + "; ".join(errors))
+    ckpt = prepare_run_dir(cfg, resume)
+    method_cls, method_cfg = method_class(cfg.method.name), cfg.method.build_config()
+    rows = load_rows(cfg.data.dir)
+    if shape is not None:
+        split_rows(rows, list(method_cls(method_cfg, *shape).needs()))
+    acc = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no", gradient_accumulation_steps=tc.grad_accum)
+    seed_everything(tc.seed)
+    pair, method = build_models(cfg, method_cls, method_cfg)
+    needs = method.needs()
+    pools = {s: encode_rows(pair.tokenizer, r, cfg.data.max_request_tokens, cfg.data.max_response_tokens, f"encode {s}")
+             for s, r in split_rows(rows, list(needs)).items()}
+    sampler = StepSampler(pools, cfg.data.batch_size, tc.seed, acc.process_index, acc.num_processes,
+                          cfg.data.length_bucketing, cfg.data.bucket_batches)
+    # ---- model, optimizer, scheduler, checkpoint hooks ----
+    params = [p for p in pair.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps)
+    model, optimizer = acc.prepare(pair.model, optimizer)
+    reference = pair.reference.to(acc.device) if pair.reference is not None else None
+    state = TrainState(sampler, scheduler)
+    acc.register_for_checkpointing(state)
+    acc.register_save_state_pre_hook(only_trainable_hook)
+    unwrapped = acc.unwrap_model(model)
+    sharded = acc.distributed_type == DistributedType.FSDP or (
+        acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
+    run = Run(acc, model, reference, pair.reference_context(unwrapped), method, pair.tokenizer.pad_token_id, sharded)
+    check_items = {k: v for k, v in StepSampler(pools, cfg.data.batch_size, tc.seed).next().items()}
+    method.check_batch(run.batch(check_items)[2])  # bad data fails here, before the first step
+    tele = Telemetry(run_dir, enabled=acc.is_main_process)
+    if ckpt is not None:
+        acc.load_state(str(ckpt), strict=False)
+        tele.truncate_after(state.step)
+    elif acc.is_main_process:
+        write_run_info(run_dir, cfg, tc.seed, status="running", **pair.info)
+    acc.wait_for_everyone()
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not acc.is_main_process)
+    last_ckpt = ckpt
+    try:
+        while state.step < tc.max_steps:
+            t0, sums, tokens, progress = time.perf_counter(), defaultdict(float), 0, state.step / tc.max_steps
+            for _ in range(tc.grad_accum):
+                items = sampler.next()
+                with acc.accumulate(model):
+                    message = None
+                    try:
+                        loss, parts, n_tok = run.loss(items, progress)
+                        if not torch.isfinite(loss):
+                            message = f"loss is {float(loss)} at step {state.step + 1}"
+                    except DivergenceError as e:
+                        message = str(e)
+                    _agree_divergence(acc, message)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        gnorm = float(acc.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
+                        _agree_divergence(acc, None if gnorm == gnorm and gnorm != float("inf")
+                                          else f"gradient norm is {gnorm} at step {state.step + 1}")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                sums["loss/total"] += float(loss.detach()) / tc.grad_accum
+                for k, v in parts.items():
+                    sums[k] += v / tc.grad_accum
+                tokens += n_tok
+            scheduler.step()
+            state.step += 1
+            bar.update(1)
+            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                vals = _mean_across(acc, dict(sums))
+                dt = time.perf_counter() - t0
+                tok = int(_mean_across(acc, {"t": float(tokens)})["t"] * acc.num_processes)
+                tele.log("metrics", state.step, {"lr": scheduler.get_last_lr()[0], **vals, "grad_norm": gnorm,
+                                                 "tokens": tok, "step_seconds": dt, "tokens_per_second": tok / dt})
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in vals.items()})
+            if tc.layer_stats_every and state.step % tc.layer_stats_every == 0:
+                tele.log_layers(state.step, run.probe(items))
+            if tc.eval_every and state.step % tc.eval_every == 0:
+                _evaluate(run, cfg, pair.tokenizer, tele, state.step)
+            if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
+                last_ckpt = save_checkpoint(acc, run_dir, state.step, unwrapped, tc.keep_checkpoints)
+    except DivergenceError as e:
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        raise DivergenceError(f"Training stopped: {e}; {where}.") from None
+    finally:
+        bar.close()
+    _save_final(acc, model, unwrapped, pair.tokenizer, run_dir)
+    if acc.is_main_process:
+        tele.plot()
+        write_run_info(run_dir, cfg, tc.seed, status="finished", steps=state.step,
+                       wall_seconds=round(time.time() - t_start, 1), num_processes=acc.num_processes, **pair.info)
+    tele.close()
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def _save_final(acc, model, unwrapped, tokenizer, run_dir: Path) -> None:
+    state_dict = acc.get_state_dict(model)
+    if acc.is_main_process:
+        unwrapped.save_pretrained(str(run_dir), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(run_dir))
+    acc.wait_for_everyone()
+
+
+@torch.no_grad()
+def _evaluate(run: Run, cfg: TrainConfig, tokenizer, tele: Telemetry, step: int) -> None:
+    """Mean loss parts over a fixed set of val.jsonl batches (same batches every time)."""
+    rows = load_rows(cfg.data.dir, "val")
+    if not rows:
+        return
+    pools = {s: encode_rows(tokenizer, r, cfg.data.max_request_tokens, cfg.data.max_response_tokens)
+             for s, r in split_rows(rows, list(run.method.needs())).items()}
+    sampler = StepSampler(pools, cfg.data.batch_size, seed=12345, rank=run.acc.process_index, world=run.acc.num_processes)
+    sums: dict[str, float] = defaultdict(float)
+    for _ in range(cfg.training.eval_batches):
+        loss, parts, _ = run.loss(sampler.next(), 1.0)
+        for k, v in {"loss/total": float(loss), **parts}.items():
+            sums["val/" + k.removeprefix("loss/")] += v / cfg.training.eval_batches
+    tele.log("eval", step, _mean_across(run.acc, dict(sums)))

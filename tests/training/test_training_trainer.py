@@ -1,0 +1,171 @@
+"""The training loop on a tiny random Llama: LoRA/full FT, resume equality, divergence, bad input, merge."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import repbend.training.trainer as trainer_mod
+from repbend.errors import ConfigError, DivergenceError, RepbendError
+from repbend.methods import METHODS
+from repbend.training import train
+from repbend.training.config import TrainConfig
+from train_fixtures import built_dir, make_rows, tiny_train_config, write_built  # noqa: F401 (fixture)
+
+
+def _metrics(run):
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_lora_trains_adapter_only_and_saves_loadable_folder(tiny_model_dir, built_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    captured = {}
+    real = trainer_mod._save_final
+
+    def spy(acc, model, unwrapped, tokenizer, run_dir):
+        captured["model"] = unwrapped
+        real(acc, model, unwrapped, tokenizer, run_dir)
+
+    monkeypatch.setattr(trainer_mod, "_save_final", spy)
+    base_before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    run = train(tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=3))
+    trained = captured["model"]
+    lora_b = {n: p for n, p in trained.named_parameters() if "lora_B" in n}
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b.values())  # LoRA B starts at 0: it moved
+    for name, p in trained.get_base_model().named_parameters():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            assert torch.equal(p.detach(), base_before[key]), name
+    # adapters only on blocks 0..max(target)=0..3 (all 4 blocks of the tiny model) and loadable by peft
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, run)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(loaded(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits)
+    rows = _metrics(run)
+    assert len(rows) == 3 and {"loss/total", "loss/safe", "loss/unsafe", "loss/cos", "loss/kl"} <= set(rows[0])
+    assert (run / "loss.png").stat().st_size > 1000 and (run / "layers.csv").is_file()
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["status"] == "finished" and info["steps"] == 3 and (run / "config.yaml").is_file()
+    assert (run / "tokenizer_config.json").is_file()
+
+
+def test_merge_gives_plain_model_with_same_logits(tiny_model_dir, built_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from repbend.training import merge
+
+    run = train(tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2, layer_stats_every=0))
+    out = merge(run, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_ends_with_same_weights(tiny_model_dir, built_dir, tmp_path, monkeypatch):
+    kw = dict(max_steps=5, save_every=2, layer_stats_every=0)
+    full = train(tiny_train_config(tiny_model_dir, built_dir, tmp_path / "full", **kw))
+    real = trainer_mod.save_checkpoint
+
+    def crash_after_save(*a, **k):
+        real(*a, **k)
+        raise _Stop()
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", crash_after_save)
+    cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "resumed", **kw)
+    with pytest.raises(_Stop):
+        train(cfg)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real)
+    with pytest.raises(RepbendError, match="--resume"):
+        train(cfg)  # a second fresh start into the same folder is refused
+    resumed = train(cfg, resume=True)
+    a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    la, lb = _metrics(full), _metrics(resumed)
+    assert [r["step"] for r in lb] == ["1", "2", "3", "4", "5"]
+    assert [float(r["loss/total"]) for r in la] == pytest.approx([float(r["loss/total"]) for r in lb], rel=1e-6)
+
+
+def test_resume_refuses_a_changed_config(tiny_model_dir, built_dir, tmp_path, monkeypatch):
+    cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2, save_every=1, layer_stats_every=0)
+    train(cfg)
+    changed = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 8})})
+    monkeypatch.setattr("repbend.models.load_model", _no_load)
+    with pytest.raises(RepbendError, match="lora"):
+        train(changed, resume=True)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_model_dir, built_dir, tmp_path):
+    cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=6, save_every=1,
+                            layer_stats_every=0, lr=0.5)
+    cfg.method.params = {**cfg.method.params, "max_unsafe_ratio": 1e-3, "beta": 5.0}
+    with pytest.raises(DivergenceError, match=r"max_unsafe_ratio.*last good checkpoint is .*step-00000\d"):
+        train(cfg)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts and (ckpts[-1] / "DONE").is_file() and (ckpts[-1] / "adapter" / "adapter_config.json").is_file()
+
+
+def _no_load(*a, **k):
+    raise AssertionError("the model must not be loaded before the input is checked")
+
+
+def test_bad_input_fails_before_loading_the_model(tiny_model_dir, built_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("repbend.models.load_model", _no_load)
+    cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "a")
+    cfg.method.params = {**cfg.method.params, "target_layers": [2, 7]}
+    with pytest.raises(ConfigError, match=r"method.target_layers.*out of range 0..4"):
+        train(cfg)
+    no_unsafe = write_built(tmp_path / "safe-only", make_rows(unsafe=False))
+    with pytest.raises(RepbendError, match="no 'unsafe' rows"):
+        train(tiny_train_config(tiny_model_dir, no_unsafe, tmp_path / "b"))
+    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "c").model_dump()
+    data["lora"]["layers_to_transform"] = [9]
+    with pytest.raises(ConfigError, match="lora.layers_to_transform"):
+        train(TrainConfig.model_validate(data))
+    with pytest.raises(ValueError, match="full_finetune"):
+        TrainConfig.model_validate({**data, "full_finetune": True})
+    with pytest.raises(ValueError, match="full_finetune"):
+        TrainConfig.model_validate({**{k: v for k, v in data.items() if k != "lora"}, "full_finetune": True,
+                                    "model": {"name": str(tiny_model_dir), "adapter": str(tmp_path)}})
+
+
+def test_full_finetune_uses_a_frozen_copy(tiny_model_dir, built_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2, lr=1e-3,
+                             layer_stats_every=1).model_dump()
+    del data["lora"]
+    run = train(TrainConfig.model_validate({**data, "full_finetune": True}))
+    trained = AutoModelForCausalLM.from_pretrained(run)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert any(".layers.0." in n for n in changed) and not any("embed_tokens" in n for n in changed)
+    steps = {r["step"] for r in csv.DictReader((run / "layers.csv").open())}
+    assert steps == {"1", "2"}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_registered_method_trains_without_trainer_changes(name, tiny_model_dir, built_dir, tmp_path):
+    cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / name, max_steps=2, layer_stats_every=1)
+    # only layer choices are adapted to the 4-block model; everything else is the method's default
+    params = {"repbend": {"target_layers": [2, 3]}, "circuit_breakers": {"target_layers": [2, 3]},
+              "rmu": {"layer": 3}, "npo": {"delta": 0.1}}.get(name, {})
+    cfg = TrainConfig.model_validate({**cfg.model_dump(), "method": {"name": name, "params": params}})
+    run = train(cfg)
+    rows = _metrics(run)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r["loss/total"]))) for r in rows)
