@@ -1,0 +1,66 @@
+"""``repbend demo`` and ``repbend compare`` (thin layer over :func:`repbend.pipeline.jobs.run_pipeline`)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def _load(profile_or_path: str, output_dir: Optional[str], overrides: list[str], **extra):
+    from repbend.config import load_config
+    from repbend.paths import resolve_config
+    from repbend.pipeline.jobs import PipelineConfig
+
+    path = resolve_config(profile_or_path if profile_or_path.endswith((".yaml", ".yml")) else f"pipeline-{profile_or_path}")
+    ov = list(overrides)
+    if output_dir:
+        ov.append(f"output_dir={output_dir}")
+    for k, v in extra.items():
+        if v is not None:
+            ov.append(f"{k}={v}")
+    return load_config(PipelineConfig, path, ov)
+
+
+def _finish(res: dict, out: str) -> None:
+    typer.echo("")
+    typer.echo(res["markdown"])
+    typer.echo(f"Everything is in {out} (report: {out}/report/summary.md).")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        profile: str = typer.Option("quick", "--profile", "-p",
+                                    help="quick (quick suite, 1 seed, <30 min on 2 CPU cores) or full (full suite, 3 seeds), or a pipeline YAML."),
+        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Output folder (default: the profile's, runs/demo-<profile>)."),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds, e.g. 0,1,2 (mean ± std is reported)."),
+        overrides: Optional[list[str]] = typer.Argument(None, help="Pipeline overrides as key=value, e.g. train_overrides=[training.max_steps=50]."),
+    ) -> None:
+        """Run the whole RepBend pipeline on the embedded default model: build data, evaluate the original,
+        train RepBend, evaluate it, and write a side-by-side report. Finished stages are skipped on a re-run."""
+        from repbend.pipeline.jobs import run_pipeline
+
+        cfg = _load(profile, output_dir, overrides or [], seeds=f"[{seeds}]" if seeds else None)
+        _finish(run_pipeline(cfg), cfg.output_dir)
+
+    @app.command("compare")
+    def compare(
+        methods: str = typer.Option("repbend,circuit_breakers,rmu,npo", "--methods",
+                                    help="Comma-separated methods to train and compare (same data, budget, seed, suite)."),
+        config: str = typer.Option("quick", "--config", "-c", help="Pipeline profile (quick, full) or a pipeline YAML."),
+        suite: Optional[str] = typer.Option(None, "--suite", "-s", help="Evaluation suite (overrides the profile's)."),
+        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Output folder (default runs/compare-<profile>)."),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds."),
+        overrides: Optional[list[str]] = typer.Argument(None, help="Pipeline overrides as key=value."),
+    ) -> None:
+        """Train several methods on the same built data with the same step budget and seed, evaluate the
+        original and every trained model with the same suite and judge, and write the side-by-side report.
+        Finished methods are not retrained."""
+        from repbend.pipeline.jobs import run_pipeline
+
+        ov = list(overrides or [])
+        if output_dir is None and not any(o.startswith("output_dir=") for o in ov):
+            ov.append(f"output_dir=runs/compare-{config if not config.endswith('.yaml') else 'custom'}")
+        cfg = _load(config, output_dir, ov, methods=f"[{methods}]", suite=suite,
+                    seeds=f"[{seeds}]" if seeds else None)
+        _finish(run_pipeline(cfg), cfg.output_dir)

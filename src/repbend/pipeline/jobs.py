@@ -1,0 +1,117 @@
+"""The end-to-end jobs: ``compare`` (several methods, same data/budget/suite) and ``demo`` (RepBend on the
+default model). Both are the same staged pipeline::
+
+    data build -> evaluate original -> for each method and seed: train -> evaluate -> side-by-side report
+
+Every stage writes into its own folder under ``output_dir``; finished stages are skipped on a re-run
+(see :mod:`repbend.pipeline.stages`), and unfinished ones resume through their own resume logic.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from repbend.config import Section, load_config, read_yaml
+from repbend.errors import RepbendError
+from repbend.io import write_run_info
+from repbend.paths import resolve_config
+from repbend.pipeline.stages import Stage, run_stages
+from repbend.pipeline.summary import summarise
+
+
+class PipelineConfig(Section):
+    model: str = Field("default", description="Model to defend: alias, hub id or folder.")
+    methods: list[str] = Field(["repbend"], description="Methods to train (registry METHODS).")
+    seeds: list[int] = Field([0], description="Training seeds; results are reported as mean ± std over them.")
+    data_config: str = Field("data-default", description="Data build config (name under configs/ or a path).")
+    train_config: str = Field("train-default", description="Train config for RepBend; other methods use "
+                                                           "'<train_config>-<method>' (name or path).")
+    train_overrides: list[str] = Field([], description="Overrides applied to every method's train config "
+                                                       "(e.g. training.max_steps=100 for a common budget).")
+    suite: str = Field("quick", description="Evaluation suite (quick, full, or a path).")
+    suite_overrides: list[str] = Field([], description="Overrides for the suite.")
+    output_dir: str = Field(..., description="Folder holding every stage's output and the final report.")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        from repbend.methods import METHODS
+
+        for m in v:
+            METHODS.get(m)  # did-you-mean error for unknown names
+        if not v or len(set(v)) != len(v):
+            raise ValueError("list each method once (at least one)")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("give at least one seed, each once")
+        return v
+
+
+def _train_config_path(cfg: PipelineConfig, method: str) -> Path:
+    if method == "repbend":
+        return resolve_config(cfg.train_config)
+    base = Path(cfg.train_config)
+    name = f"{base.with_suffix('')}-{method}" + (".yaml" if base.suffix else "")
+    return resolve_config(name)
+
+
+def plan(cfg: PipelineConfig) -> list[Stage]:
+    """Build the list of stages (validating every config up front, before any model is loaded)."""
+    from repbend.data.build import build_dataset
+    from repbend.data.build_config import DataBuildConfig
+    from repbend.evaluation.runner import EvalConfig, evaluate
+    from repbend.evaluation.suites import load_suite
+    from repbend.training import TrainConfig, train
+
+    out = Path(cfg.output_dir)
+    data_dir = out / "data"
+    data_cfg = load_config(DataBuildConfig, resolve_config(cfg.data_config), [f"model={cfg.model}"])
+    suite = load_suite(cfg.suite, list(cfg.suite_overrides))
+    suite_fp = suite.model_dump(mode="json")
+
+    def eval_stage(name: str, adapter: Path | None) -> Stage:
+        d = out / name
+        ecfg = EvalConfig(model=cfg.model, adapter=str(adapter) if adapter else None, suite=suite,
+                          output_dir=str(d))
+        return Stage(f"evaluate {name}", d, lambda: evaluate(ecfg),
+                     {"model": cfg.model, "adapter": str(adapter), "suite": suite_fp})
+
+    stages = [Stage("build data", data_dir, lambda: build_dataset(data_cfg, data_dir),
+                    {"data": data_cfg.model_dump(mode="json")}),
+              eval_stage("eval-original", None)]
+    for method in cfg.methods:
+        path = _train_config_path(cfg, method)
+        raw = read_yaml(path)
+        for seed in cfg.seeds:
+            run = out / f"train-{method}-s{seed}"
+            tcfg = load_config(TrainConfig, data=raw, overrides=[
+                f"model.name={cfg.model}", f"data.dir={data_dir}", f"output_dir={run}",
+                f"training.seed={seed}", *cfg.train_overrides])
+            if tcfg.method.name != method:
+                raise RepbendError(f"{path} trains method {tcfg.method.name!r}, but it was chosen for {method!r}; "
+                                   f"point --train-config at the right file.")
+            stages.append(Stage(f"train {method} seed {seed}", run, lambda t=tcfg: train(t, resume=True),
+                                {"train": tcfg.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json")}))
+            weights = run if tcfg.full_finetune else run / "adapter"
+            if tcfg.full_finetune:
+                raise RepbendError("the pipeline evaluates LoRA adapters; for full fine-tuning evaluate the run "
+                                   "folder with `repbend eval --model RUN` yourself")
+            stages.append(eval_stage(f"eval-{method}-s{seed}", weights))
+    return stages
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run (or resume) the whole pipeline and write ``summary.json`` / ``summary.md`` + plots."""
+    out = Path(cfg.output_dir)
+    stages = plan(cfg)
+    write_run_info(out, cfg)
+    timings = run_stages(stages)
+    runs = {"original": [out / "eval-original"]}
+    for m in cfg.methods:
+        runs[m] = [out / f"eval-{m}-s{s}" for s in cfg.seeds]
+    return summarise(runs, out / "report", timings=timings)

@@ -1,0 +1,178 @@
+"""Side-by-side summary of several evaluated runs, with mean ± std over training seeds.
+
+Input: ``{label: [eval folder, ...]}`` (one folder per seed; the original model has one). Output in
+``out_dir``: ``summary.json`` (every number, per seed and aggregated), ``summary.md`` (the tables),
+``asr_by_attack.png`` (grouped bars with std error bars) and ``asr_vs_capability.png`` (Pareto view).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import mean, pstdev
+
+from repbend.errors import RepbendError
+from repbend.io import atomic_write_json, atomic_write_text
+
+
+def _load(run: Path) -> dict:
+    p = Path(run) / "results.json"
+    if not p.is_file():
+        raise RepbendError(f"{run} has no results.json; evaluate it first (repbend eval ... --output-dir {run}).")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def _attack_asr(res: dict) -> dict[str, float]:
+    """Per attack: mean ASR over its benchmarks."""
+    out = {}
+    for attack, benches in res.get("asr", {}).items():
+        vals = [b["asr"] for b in benches.values() if isinstance(b, dict) and b.get("asr") is not None]
+        if vals:
+            out[attack] = mean(vals)
+    return out
+
+
+def _attack_rate(res: dict, key: str) -> dict[str, float]:
+    out = {}
+    for attack, benches in res.get("asr", {}).items():
+        vals = [b[key] for b in benches.values() if isinstance(b, dict) and b.get(key) is not None]
+        if vals:
+            out[attack] = mean(vals)
+    return out
+
+
+def _flat(res: dict) -> dict[str, float]:
+    """Every headline number of one run as ``name -> value``."""
+    row = {f"asr/{k}": v for k, v in _attack_asr(res).items()}
+    row.update({f"gibberish/{k}": v for k, v in _attack_rate(res, "gibberish").items()})
+    row.update({f"refusal/{k}": v for k, v in _attack_rate(res, "refusal").items()})
+    if res.get("average_asr") is not None:
+        row["average_asr"] = res["average_asr"]
+    comp = (res.get("over_refusal") or {}).get("compliance")
+    if comp is not None:
+        row["over_refusal/compliance"] = comp
+    for k, v in (res.get("capability") or {}).items():
+        if isinstance(v, (int, float)):
+            row[f"capability/{k}"] = float(v)
+    return row
+
+
+def aggregate(runs: dict[str, list[Path]]) -> dict:
+    """``{label: {"seeds": [...flat rows], "mean": {...}, "std": {...}, "judge": name}}``."""
+    out = {}
+    for label, folders in runs.items():
+        results = [_load(f) for f in folders]
+        rows = [_flat(r) for r in results]
+        keys = sorted(set().union(*rows)) if rows else []
+        out[label] = {
+            "runs": [str(f) for f in folders],
+            "seeds": rows,
+            "mean": {k: mean(r[k] for r in rows if k in r) for k in keys},
+            "std": {k: pstdev([r[k] for r in rows if k in r]) for k in keys},
+            "judge": (results[0].get("judge") or {}).get("name") if results else None,
+        }
+    return out
+
+
+def _fmt(m: float | None, s: float | None, pct: bool = True) -> str:
+    if m is None:
+        return "–"
+    scale = 100 if pct else 1
+    return f"{m * scale:.1f} ± {s * scale:.1f}" if s else f"{m * scale:.1f}"
+
+
+def to_markdown(agg: dict) -> str:
+    labels = list(agg)
+    attacks = sorted({k.split("/", 1)[1] for a in agg.values() for k in a["mean"] if k.startswith("asr/")})
+    judge = next((a["judge"] for a in agg.values() if a["judge"]), "?")
+    n_seeds = {lab: len(a["seeds"]) for lab, a in agg.items()}
+    lines = [f"ASR % (lower is better), judge `{judge}`; mean ± std over seeds "
+             f"({', '.join(f'{k}: {v}' for k, v in n_seeds.items())}).", "",
+             "| attack | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for att in attacks:
+        lines.append(f"| {att} | " + " | ".join(_fmt(agg[l]["mean"].get(f"asr/{att}"), agg[l]["std"].get(f"asr/{att}"))
+                                                 for l in labels) + " |")
+    lines.append("| **average** | " + " | ".join(f"**{_fmt(agg[l]['mean'].get('average_asr'), agg[l]['std'].get('average_asr'))}**"
+                                                  for l in labels) + " |")
+    lines += ["", "Gibberish rate % on harmful prompts (not counted as attack success) and refusal rate %:", "",
+              "| attack | " + " | ".join(f"{l} gibberish | {l} refusal" for l in labels) + " |",
+              "|---|" + "---|---|" * len(labels)]
+    for att in attacks:
+        cells = []
+        for l in labels:
+            cells.append(_fmt(agg[l]["mean"].get(f"gibberish/{att}"), agg[l]["std"].get(f"gibberish/{att}")))
+            cells.append(_fmt(agg[l]["mean"].get(f"refusal/{att}"), agg[l]["std"].get(f"refusal/{att}")))
+        lines.append(f"| {att} | " + " | ".join(cells) + " |")
+    other = sorted({k for a in agg.values() for k in a["mean"] if k.startswith(("over_refusal/", "capability/"))})
+    if other:
+        lines += ["", "Over-refusal compliance % (higher is better) and capability:", "",
+                  "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for k in other:
+            pct = not any(t in k for t in ("kl", "perplexity", "ppl", "seconds"))
+            lines.append(f"| {k} | " + " | ".join(_fmt(agg[l]["mean"].get(k), agg[l]["std"].get(k), pct)
+                                                  for l in labels) + " |")
+        lines += ["", "(capability values that are fractions are shown in %, KL/perplexity as they are)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(agg: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(agg)
+    attacks = sorted({k.split("/", 1)[1] for a in agg.values() for k in a["mean"] if k.startswith("asr/")})
+    paths = []
+    if attacks:
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(attacks) + 2), 4))
+        width = 0.8 / len(labels)
+        x = np.arange(len(attacks))
+        for i, lab in enumerate(labels):
+            m = [100 * agg[lab]["mean"].get(f"asr/{a}", np.nan) for a in attacks]
+            s = [100 * agg[lab]["std"].get(f"asr/{a}", 0.0) for a in attacks]
+            ax.bar(x + i * width - 0.4 + width / 2, m, width, yerr=s, capsize=2, label=lab)
+        ax.set_xticks(x, attacks, rotation=30, ha="right")
+        ax.set_ylabel("attack success rate (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title("ASR per attack (mean ± std over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / "asr_by_attack.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    cap_keys = sorted({k for a in agg.values() for k in a["mean"] if k.startswith("capability/mmlu")})
+    if cap_keys:
+        ck = cap_keys[0]
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for lab in labels:
+            mm, ss = agg[lab]["mean"], agg[lab]["std"]
+            if ck in mm and "average_asr" in mm:
+                ax.errorbar(100 * mm[ck], 100 * mm["average_asr"], xerr=100 * ss.get(ck, 0),
+                            yerr=100 * ss.get("average_asr", 0), fmt="o", capsize=3, label=lab)
+        ax.set_xlabel(f"{ck.split('/', 1)[1]} (%) — higher is better")
+        ax.set_ylabel("average ASR (%) — lower is better")
+        ax.set_title("Safety vs capability")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / "asr_vs_capability.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def summarise(runs: dict[str, list[Path]], out_dir: str | Path, timings: dict | None = None) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(runs)
+    md = "# repbend summary\n\n" + to_markdown(agg)
+    if timings:
+        md += "\nWall time per stage (s):\n\n| stage | seconds |\n|---|---|\n" + "".join(
+            f"| {k} | {v:.0f} |\n" for k, v in timings.items())
+    plots = plot(agg, out)
+    md += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    atomic_write_json(out / "summary.json", {"runs": agg, "timings": timings or {}})
+    atomic_write_text(out / "summary.md", md)
+    return {"runs": agg, "timings": timings or {}, "markdown": md}
