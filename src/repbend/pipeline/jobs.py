@@ -39,7 +39,10 @@ class PipelineConfig(Section):
         from repbend.methods import METHODS
 
         for m in v:
-            METHODS.get(m)  # did-you-mean error for unknown names
+            try:
+                METHODS.get(m)
+            except RepbendError as e:  # report it with the other field errors
+                raise ValueError(str(e)) from None
         if not v or len(set(v)) != len(v):
             raise ValueError("list each method once (at least one)")
         return v
