@@ -180,7 +180,7 @@ def load_model(spec: str = "default", adapter: str | os.PathLike | None = None, 
     model, tok = _from_pretrained(location, res.kind, dev, torch_dtype, trust_remote_code)
     name = res.alias or res.location
     if res.alias:  # adapters trained on it then record the portable alias as their base, not a cache path
-        model.config._name_or_path = res.alias
+        model.config._name_or_path = model.name_or_path = res.alias
     _fix_tokenizer(tok, name)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
