@@ -208,6 +208,7 @@ class EmbeddingAttack(Attack):
     name: ClassVar[str] = "embedding"
     white_box: ClassVar[bool] = True
     needs_target: ClassVar[bool] = True
+    aggregate: ClassVar[str] = "any"     # several samples (strong preset): broken if any sample succeeds
     Config = EmbeddingConfig
 
     def __init__(self, config: EmbeddingConfig | None = None):

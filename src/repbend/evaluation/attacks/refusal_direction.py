@@ -226,6 +226,7 @@ class RefusalAblation(Attack):
                                                                                behaviours, cost)}
             rec["direction_cost"] = cost.as_dict()
             store.put(key, rec)
+        self.provenance = {"harmful": rec["harmful_source"], "harmless": rec["harmless_source"], "layer": rec["layer"]}
         ablated = wb.plain_model(target.model)
         orthogonalise(ablated, torch.tensor(rec["direction"]))
         settings = wb.suite_settings(target)

@@ -161,6 +161,7 @@ class Relearn(Attack):
                 cost.backward += c.batch_size
                 losses.append(round(float(loss.detach()), 5))
             del model, opt
+        self.provenance = {"train": store.get(keys[self.checkpoints[-1]])["train_source"]}
         out = []
         for step in self.checkpoints:
             rec = store.get(keys[step])
