@@ -87,3 +87,14 @@ def test_adapter_on_default_model_records_portable_alias(shared_cache, tmp_path)
     assert pm.peft_config["default"].base_model_name_or_path == "smollm2-135m-instruct"
     again, _ = load_model(str(tmp_path / "lora"))
     assert isinstance(again, PeftModel)
+
+
+def test_cli_chat_with_the_default_model(shared_cache, capsys):
+    from repbend.cli import main
+
+    try:
+        main(["chat", "-n", "16", "How do I bake bread?"])
+    except SystemExit as e:
+        assert not e.code
+    out = capsys.readouterr().out
+    assert len(out.strip()) > 10
