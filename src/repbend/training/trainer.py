@@ -118,7 +118,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     rows = load_rows(cfg.data.dir)
     if shape is not None:
         split_rows(rows, list(method_cls(method_cfg, *shape).needs()))
-    acc = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no", gradient_accumulation_steps=tc.grad_accum)
+    # cpu=True without CUDA: accelerate then sees torchrun's WORLD_SIZE and uses gloo (MULTI_CPU)
+    acc = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no", gradient_accumulation_steps=tc.grad_accum,
+                      cpu=not torch.cuda.is_available())
     seed_everything(tc.seed)
     pair, method = build_models(cfg, method_cls, method_cfg)
     needs = method.needs()
