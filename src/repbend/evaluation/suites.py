@@ -119,6 +119,13 @@ def check_suite(suite: Suite) -> list[str]:
                 continue
             _, errors = validate_data(cls.Config, fields)
             problems += [f"{where}.{e}" for e in errors]
+    if suite.capability:
+        try:
+            from repbend.evaluation.capability import CapabilityConfig
+        except ImportError:
+            CapabilityConfig = None  # noqa: N806 - capability module not installed: checked when it runs
+        if CapabilityConfig is not None:
+            problems += [f"capability.{e}" for e in validate_data(CapabilityConfig, suite.capability)[1]]
     return problems
 
 
