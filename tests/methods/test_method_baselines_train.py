@@ -110,3 +110,36 @@ def test_rmu_full_finetune_changes_only_its_blocks(tiny_model_dir, built, tmp_pa
     blocks = {int(k.split(".layers.")[1].split(".")[0]) for k in changed if ".layers." in k}
     assert changed and blocks == {0, 1, 2}                       # layer 3 -> blocks 0, 1, 2
     assert all(".layers." in k for k in changed)                  # embeddings / head / norm untouched
+
+
+BASELINES = ("circuit_breakers", "rmu", "npo")
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_default_configs_match_repbend_budget(name):
+    """`repbend compare` fairness: same model, data, batch, steps, lr and seed as train-default.yaml."""
+    from repbend.config import load_config
+    from repbend.paths import resolve_config
+    from repbend.training.config import TrainConfig, check_train_config
+
+    base = load_config(TrainConfig, resolve_config("train-default"))
+    cfg = load_config(TrainConfig, resolve_config(f"train-default-{name}"))
+    assert cfg.method.name == name
+    assert cfg.model == base.model and cfg.data == base.data
+    keep = {"lr", "schedule", "warmup_steps", "max_steps", "grad_accum", "max_grad_norm", "precision", "seed"}
+    assert cfg.training.model_dump(include=keep) == base.training.model_dump(include=keep)
+    errors = [e for e in check_train_config(cfg, shape=(30, 576)) if not e.startswith("data.dir")]
+    assert errors == []
+
+
+@pytest.mark.parametrize("model", ["llama3-8b", "mistral-7b"])
+@pytest.mark.parametrize("name", BASELINES)
+def test_paper_configs_are_valid_for_32_blocks(model, name):
+    from repbend.config import load_config
+    from repbend.paths import resolve_config
+    from repbend.training.config import TrainConfig, check_train_config
+
+    cfg = load_config(TrainConfig, resolve_config(f"{model}-{name}"))
+    assert cfg.method.name == name and not cfg.full_finetune
+    errors = [e for e in check_train_config(cfg, shape=(32, 4096)) if not e.startswith("data.dir")]
+    assert errors == []
