@@ -12,9 +12,12 @@ With p = ``progress`` in [0, 1] (t/T of the paper):
 ``h`` is the trained model's hidden state, ``h^ref`` the frozen reference's (adapter disabled).
 The paper's schedule is alpha*(1 - t/(2T)), alpha*t/(2T); its public code computes progress as
 step/300 with 150 steps, i.e. the same line stopped at t/T = 1. Differences from that code, on purpose:
-padding never enters a mean (the code's retain nanmean also counted zeroed padding positions), and the
-rerouting tokens are a token mode (``request_response`` reproduces the code, which used every real token
-of the harmful conversation; ``response_all`` is the default here, as in the paper's text).
+padding never enters a mean (the code's retain nanmean also counted zeroed padding positions); the whole
+model is run (the code drops the blocks after the last target layer while training); and the rerouting
+tokens are a token mode (``request_response`` reproduces the code, which used every real token of the
+harmful conversation; the default ``response_all`` takes only the harmful answer, whose states are not
+shared with retain rows the way the chat-template prefix is). Adapters go on blocks 0..max(target) as in
+the code (:meth:`CircuitBreakers.trainable_layers`). The trainer passes p = completed steps / max_steps.
 """
 from __future__ import annotations
 
