@@ -55,7 +55,10 @@ def _prepare_out(out: Path, chash: str, overwrite: bool) -> dict | None:
     if out.exists() and not out.is_dir():
         raise RepbendError(f"Output {out} is a file; pass a folder path.")
     if out.is_dir() and any(out.iterdir()):
-        old = json.loads(state.read_text()) if state.is_file() else None
+        try:
+            old = json.loads(state.read_text()) if state.is_file() else None
+        except (ValueError, OSError):
+            old = {"config_hash": "unreadable"}
         same = old is not None and old.get("config_hash") == chash
         if not same and not overwrite:
             what = f"a different build (config hash {old.get('config_hash')})" if old else "other files"
