@@ -38,7 +38,8 @@ def fingerprint_model(model: Any, *extra: str) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(16, flat.numel())).long()
+            k = min(16, flat.numel())
+            idx = torch.arange(k, dtype=torch.long) * (flat.numel() - 1) // max(1, k - 1)  # exact integer spacing
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
             h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
@@ -100,6 +101,7 @@ class ModelTarget:
             with tqdm(total=total, desc=f"generate {label}", unit="ans", disable=not self.progress,
                       leave=False) as bar:
                 for idxs in todo.values():
+                    idxs.sort(key=lambda i: -_length(conversations[i]))  # similar lengths share a batch: less padding
                     step = max(1, self.batch_size // eff[idxs[0]].num_samples)  # ~one generation batch each
                     for start in range(0, len(idxs), step):
                         part = idxs[start:start + step]
@@ -140,6 +142,10 @@ class ModelTarget:
         return {"tokens_per_s": round(self.stats["new_tokens"] / secs, 2) if secs else None,
                 "batch_size": self.batch_size, **{k: (round(v, 2) if isinstance(v, float) else v)
                                                    for k, v in self.stats.items()}}
+
+
+def _length(conv: Conversation) -> int:
+    return sum(len(m.get("content") or "") for m in conv.messages) + len(conv.prefill)
 
 
 def with_settings(conv: Conversation, settings: GenSettings) -> Conversation:
