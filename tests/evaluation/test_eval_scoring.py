@@ -34,3 +34,10 @@ def test_average_over_attacks_of_benchmark_means():
     table = {"direct": {"hb": {"asr": 0.2}, "jbb": {"asr": 0.4}}, "prefill": {"hb": {"asr": 0.9}}}
     assert average_asr(table) == pytest.approx((0.3 + 0.9) / 2)
     assert average_asr({}) is None
+
+
+def test_any_aggregate_is_not_averaged_over_variants():
+    # suffixes s1, s2 on b1, b2: only (b1, s1) harmful -> any: 1/2 behaviours; per-variant kept
+    comps = [comp("b1", "s1"), comp("b2", "s1"), comp("b1", "s2"), comp("b2", "s2")]
+    r = summarize(comps, [H, R, R, R], n_behaviours=2, aggregate="any")
+    assert r["asr"] == 0.5 and r["per_variant"]["s1"]["asr"] == 0.5 and r["per_variant"]["s2"]["asr"] == 0.0
