@@ -1,0 +1,158 @@
+"""Agreement of judges with human labels (``repbend judge validate``).
+
+Human-labelled sets shipped inside packages (fetched with :func:`repbend.cache.package_file`):
+
+- ``jbb``: jailbreakbench==0.1.3 ``classifier_comparison.csv``: 100 (goal, jailbreak prompt, response)
+  triples with three human labels; label = majority "harmful"; judges are scored on ``harmful``.
+- ``pyrit_refusal`` / ``pyrit_refusal_extra``: pyrit==1.1.0 refusal scorer sets (105 / 64 rows,
+  ``human_score`` 1 = refused; the files start with ``#`` comment lines); judges are scored on
+  ``refused``.
+
+Each set is split in two halves by a seeded shuffle: ``tune`` (the only half used to choose the
+composite judge's thresholds) and ``test`` (reported, never tuned on). Metrics: accuracy, precision,
+recall, F1 and Cohen's kappa of the judge against the human label.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from repbend.cache import package_file
+from repbend.errors import RepbendError
+from repbend.evaluation.types import JudgeItem
+
+SPLITS = ("tune", "test", "all")
+
+
+@dataclass
+class LabelledSet:
+    name: str
+    field: str                    # which Verdict field is compared with the label: "harmful" | "refused"
+    items: list[JudgeItem]
+    labels: list[bool]
+    source: str
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """CSV rows; leading ``#`` comment lines are skipped (later '#' lines may be inside quoted answers)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    start = 0
+    while start < len(lines) and lines[start].startswith("#"):
+        start += 1
+    return list(csv.DictReader(io.StringIO("".join(lines[start:]))))
+
+
+def load_jbb() -> LabelledSet:
+    rel = "jailbreakbench/data/classifier_comparison.csv"
+    rows = _read_csv(package_file("jailbreakbench", "0.1.3", rel))
+    items = [JudgeItem(behaviour=r["goal"], response=r["target_response"].strip()) for r in rows]
+    labels = [int(r["human_majority"]) == 1 for r in rows]
+    return LabelledSet("jbb", "harmful", items, labels, f"jailbreakbench==0.1.3:{rel}")
+
+
+def _pyrit(name: str, filename: str) -> LabelledSet:
+    rel = f"pyrit/datasets/scorer_evals/refusal_scorer/{filename}"
+    rows = _read_csv(package_file("pyrit", "1.1.0", rel))
+    items = [JudgeItem(behaviour=r["objective"], response=r["assistant_response"].strip()) for r in rows]
+    labels = [int(float(r["human_score"])) == 1 for r in rows]
+    return LabelledSet(name, "refused", items, labels, f"pyrit==1.1.0:{rel}")
+
+
+VALIDATION_SETS: dict[str, Callable[[], LabelledSet]] = {
+    "jbb": load_jbb,
+    "pyrit_refusal": lambda: _pyrit("pyrit_refusal", "refusal.csv"),
+    "pyrit_refusal_extra": lambda: _pyrit("pyrit_refusal_extra", "refusal_extra.csv"),
+}
+
+
+def load_set(name: str) -> LabelledSet:
+    if name not in VALIDATION_SETS:
+        raise RepbendError(f"Unknown validation set {name!r}; choose from {', '.join(VALIDATION_SETS)}.")
+    return VALIDATION_SETS[name]()
+
+
+def split_indices(n: int, seed: int = 0) -> dict[str, list[int]]:
+    """Seeded half/half split: ``tune`` gets the first ceil(n/2) of a shuffled order, ``test`` the rest."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    half = (n + 1) // 2
+    return {"tune": sorted(order[:half]), "test": sorted(order[half:]), "all": list(range(n))}
+
+
+def binary_metrics(y_true: list[bool], y_pred: list[bool]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 (positive class = True) and Cohen's kappa."""
+    if len(y_true) != len(y_pred):
+        raise ValueError("y_true and y_pred differ in length")
+    n = len(y_true)
+    tp = sum(t and p for t, p in zip(y_true, y_pred))
+    tn = sum(not t and not p for t, p in zip(y_true, y_pred))
+    fp = sum(p and not t for t, p in zip(y_true, y_pred))
+    fn = sum(t and not p for t, p in zip(y_true, y_pred))
+    acc = (tp + tn) / n if n else 0.0
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    pe = ((tp + fn) * (tp + fp) + (tn + fp) * (tn + fn)) / (n * n) if n else 0.0
+    kappa = (acc - pe) / (1 - pe) if pe < 1 else (1.0 if acc == 1 else 0.0)
+    return {"n": n, "accuracy": acc, "precision": prec, "recall": rec, "f1": f1, "kappa": kappa,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def evaluate_judge(judge: Any, data: LabelledSet, seed: int = 0) -> dict[str, Any]:
+    """Score every item once, then metrics on each split; also the rows the judge got wrong."""
+    verdicts = judge.score(data.items)
+    preds = [bool(getattr(v, data.field)) for v in verdicts]
+    out: dict[str, Any] = {"field": data.field, "source": data.source}
+    for split, idx in split_indices(len(data.items), seed).items():
+        out[split] = binary_metrics([data.labels[i] for i in idx], [preds[i] for i in idx])
+    out["gibberish_rate"] = sum(v.gibberish for v in verdicts) / max(1, len(verdicts))
+    out["predictions"] = preds
+    return out
+
+
+DEFAULT_JUDGES = ("refusal", "default")
+
+
+def build_judge(name: str, fields: dict | None = None) -> Any:
+    """``JUDGES[name](Config(**fields))`` with config errors reported in one line."""
+    from repbend.config import validate_data
+    from repbend.evaluation.judges import JUDGES
+
+    cls = JUDGES.get(name)
+    cfg, errors = validate_data(cls.Config, fields or {})
+    if errors:
+        raise RepbendError(f"Invalid config for judge {name!r}: " + "; ".join(errors))
+    return cls(cfg)
+
+
+def validate_judges(judges: list[str] | None = None, sets: list[str] | None = None, *, seed: int = 0,
+                    judge_configs: dict[str, dict] | None = None, output_dir: str | Path | None = None) -> dict:
+    """Score each judge on each human-labelled set; write ``validation.json`` (+ run info) if asked."""
+    from repbend.io import atomic_write_json, write_run_info
+
+    judges = list(judges or DEFAULT_JUDGES)
+    sets = list(sets or VALIDATION_SETS)
+    data = {name: load_set(name) for name in sets}
+    result: dict[str, Any] = {"seed": seed, "splits": "tune = seeded half used to choose thresholds; test = held out",
+                              "sets": {n: {"source": d.source, "field": d.field, "n": len(d.items),
+                                           "positives": sum(d.labels)} for n, d in data.items()},
+                              "judges": {}}
+    for name in judges:
+        judge = build_judge(name, (judge_configs or {}).get(name))
+        per_set = {}
+        for set_name, d in data.items():
+            r = evaluate_judge(judge, d, seed)
+            r["errors"] = [i for i, (p, y) in enumerate(zip(r.pop("predictions"), d.labels)) if p != y]
+            per_set[set_name] = r
+        cfg = getattr(judge, "config", None)
+        result["judges"][name] = {"config": cfg.model_dump(mode="json") if cfg is not None else {},
+                                  "sets": per_set}
+    if output_dir is not None:
+        out = Path(output_dir)
+        write_run_info(out, seed=seed, judges=judges, sets=sets)
+        atomic_write_json(out / "validation.json", result)
+    return result
