@@ -12,6 +12,7 @@ across micro-batches). The scheduler steps once per optimizer step (not per proc
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from repbend.errors import ConfigError, DivergenceError
+from repbend.errors import ConfigError, DivergenceError, RepbendError
 from repbend.io import write_run_info
 from repbend.methods.base import Need
 from repbend.seeding import seed_everything
@@ -72,9 +73,13 @@ class Run:
         n = self.acc.unwrap_model(self.model).config
         all_layers = Need(layers=tuple(range(getattr(n, "text_config", n).num_hidden_layers + 1)))
         needs = {s: all_layers for s in present}
-        pol = forward_states(self.model, batch, spans, needs, self.head)
-        with self.ref_context():
-            ref = forward_states(self.reference_model, batch, spans, needs, self.ref_head)
+        self.model.eval()  # no dropout: the stats compare the weights, not a dropout sample
+        try:
+            pol = forward_states(self.model, batch, spans, needs, self.head)
+            with self.ref_context():
+                ref = forward_states(self.reference_model, batch, spans, needs, self.ref_head)
+        finally:
+            self.model.train()
         return [{"split": s, **row} for s in present for row in layer_stats(splits[s], pol[s], ref[s])]
 
 
@@ -167,9 +172,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                         message = str(e)
                     _agree_divergence(acc, message)
                     acc.backward(loss)
-                    if acc.sync_gradients:
-                        gnorm = float(acc.clip_grad_norm_(params, tc.max_grad_norm or float("inf")))
-                        _agree_divergence(acc, None if gnorm == gnorm and gnorm != float("inf")
+                    if acc.sync_gradients:  # (DeepSpeed clips inside its engine and returns None here)
+                        gn = acc.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
+                        gnorm = float(gn) if gn is not None else float("nan")
+                        _agree_divergence(acc, None if gn is None or math.isfinite(gnorm)
                                           else f"gradient norm is {gnorm} at step {state.step + 1}")
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -222,8 +228,13 @@ def _evaluate(run: Run, cfg: TrainConfig, tokenizer, tele: Telemetry, step: int)
     rows = load_rows(cfg.data.dir, "val")
     if not rows:
         return
+    try:
+        by_split = split_rows(rows, list(run.method.needs()))
+    except RepbendError as e:  # a small val part may lack a split: skip evaluation, keep training
+        tqdm.write(f"repbend: skipping evaluation at step {step}: {e}")
+        return
     pools = {s: encode_rows(tokenizer, r, cfg.data.max_request_tokens, cfg.data.max_response_tokens)
-             for s, r in split_rows(rows, list(run.method.needs())).items()}
+             for s, r in by_split.items()}
     sampler = StepSampler(pools, cfg.data.batch_size, seed=12345, rank=run.acc.process_index, world=run.acc.num_processes)
     sums: dict[str, float] = defaultdict(float)
     for _ in range(cfg.training.eval_batches):
