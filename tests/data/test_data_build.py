@@ -103,6 +103,8 @@ def test_interrupted_build_resumes_without_regenerating(fixture_sources, tiny_mo
     ckpt = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert len(ckpt) == 4
 
+    with (tmp_path / "run" / "generations.jsonl").open("a") as f:  # killed in the middle of an append
+        f.write('{"key": "abc", "te')
     second: list[str] = []
 
     def counting(model, tok, convs, **kw):

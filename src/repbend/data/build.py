@@ -125,12 +125,23 @@ def _key(text: str, max_new_tokens: int) -> str:
     return sha256_text(json.dumps([text, max_new_tokens]))[:24]
 
 
+def _read_checkpoint(ckpt: Path) -> list[dict]:
+    """Rows of the checkpoint; a half-written last line (killed mid-write) is cut off so appends stay valid."""
+    if not ckpt.is_file():
+        return []
+    raw = ckpt.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        with ckpt.open("r+b") as f:
+            f.truncate(raw.rfind(b"\n") + 1)
+    return read_jsonl(ckpt)
+
+
 def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, cfg: DataBuildConfig,
                      progress: bool = True) -> dict[str, str]:
     """Answers for (text, max_new_tokens) jobs, resuming from and appending to ``ckpt``."""
     from tqdm.auto import tqdm
 
-    done = {r["key"]: r["text"] for r in (read_jsonl(ckpt, tolerate_truncated_tail=True) if ckpt.is_file() else [])}
+    done = {r["key"]: r["text"] for r in _read_checkpoint(ckpt)}
     g = cfg.generation
     unique = sorted({(t, n) for t, n in jobs}, key=lambda j: (j[1], -len(j[0]), j[0]))
     chunks = []
