@@ -1,0 +1,130 @@
+"""Capability: MMLU scoring plumbing on a 4-question fixture, benign KL/perplexity, GSM8K parsing."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from repbend.errors import RepbendError
+from repbend.evaluation.capability import (CapabilityConfig, benign_kl, evaluate_capability, format_question,
+                                           last_number, letter_token_ids, mmlu_accuracy, mmlu_prompt,
+                                           next_token_logprobs, stratified_subset)
+
+FIXTURE = [
+    {"question": "What is 2 + 2?", "answer_a": "3", "answer_b": "4", "answer_c": "5", "answer_d": "22",
+     "correct_answer": "B", "topic": "elementary mathematics"},
+    {"question": "Capital of France?", "answer_a": "Paris", "answer_b": "Rome", "answer_c": "Berlin",
+     "answer_d": "Madrid", "correct_answer": "A", "topic": "geography"},
+    {"question": "Which is a mammal?", "answer_a": "Shark", "answer_b": "Trout", "answer_c": "Whale",
+     "answer_d": "Eel", "correct_answer": "C", "topic": "biology"},
+    {"question": "Boiling point of water at sea level in Celsius?", "answer_a": "50", "answer_b": "80",
+     "answer_c": "90", "answer_d": "100", "correct_answer": "D", "topic": "physics"},
+]
+ROWS = [{"messages": [{"role": "user", "content": "How do I bake bread?"}],
+         "response": "Mix flour, water, yeast and salt, knead, let it rise and bake."},
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+         "response": "The capital of France is Paris."}]
+
+
+def test_prompt_format():
+    q = format_question(FIXTURE[0])
+    assert q.endswith("D. 22\nAnswer:") and "B. 4" in q
+    p = mmlu_prompt(FIXTURE[0], [FIXTURE[1]], None, "plain")
+    assert "about elementary mathematics" in p and "Answer: A\n\n" in p and p.endswith("Answer:")
+
+
+def test_stratified_subset_is_balanced_and_seeded():
+    rows = [{"topic": t, "i": i} for t in "abc" for i in range(10)]
+    s = stratified_subset(rows, 6, seed=1)
+    assert sorted(r["topic"] for r in s) == ["a", "a", "b", "b", "c", "c"]
+    assert s == stratified_subset(rows, 6, seed=1) and s != stratified_subset(rows, 6, seed=2)
+    assert len(stratified_subset(rows, 100)) == 30
+
+
+def test_left_padded_batch_matches_single_forward(tiny_model, tiny_tokenizer):
+    prompts = ["What is the capital of France? Answer:", "Hi"]
+    lp = next_token_logprobs(tiny_model, tiny_tokenizer, prompts)
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([tiny_tokenizer(p, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            ref = torch.log_softmax(tiny_model(input_ids=ids).logits[0, -1], -1)
+        assert torch.allclose(lp[i], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_mmlu_accuracy_matches_argmax_over_letters(tiny_model, tiny_tokenizer, fmt):
+    res = mmlu_accuracy(tiny_model, tiny_tokenizer, n=4, rows=FIXTURE, batch_size=3, fmt=fmt, progress=False)
+    assert res["n"] == 4 and set(res["per_topic"]) == {r["topic"] for r in FIXTURE}
+    letters = letter_token_ids(tiny_tokenizer)
+    expected = 0
+    for r in FIXTURE:   # recompute each question alone, unbatched
+        lp = next_token_logprobs(tiny_model, tiny_tokenizer, [mmlu_prompt(r, [], tiny_tokenizer, fmt)])[0]
+        choice = max(range(4), key=lambda k: torch.logsumexp(lp[letters[k]], -1).item())
+        expected += "ABCD"[choice] == r["correct_answer"]
+    assert res["accuracy"] == expected / 4
+
+
+def test_benign_kl_adapter_disabled_reference(tiny_model, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    r0 = benign_kl(model, None, tiny_tokenizer, ROWS, progress=False)
+    assert r0["kl"] == pytest.approx(0.0, abs=1e-6) and r0["ppl"] == pytest.approx(r0["ppl_reference"], rel=1e-5)
+    with torch.no_grad():       # move the adapter away from its zero init: now the model differs from the base
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    r1 = benign_kl(model, None, tiny_tokenizer, ROWS, progress=False)
+    assert r1["kl"] > 1e-4 and r1["ppl"] != pytest.approx(r1["ppl_reference"])
+    assert r1["ppl_reference"] == pytest.approx(r0["ppl_reference"], rel=1e-5)
+    assert r1["tokens"] == r0["tokens"] > 0
+
+
+def test_benign_kl_hand_computed_against_other_model(tiny_tokenizer):
+    from conftest import build_tiny_model
+    from repbend.data.chat import encode
+
+    a, b = build_tiny_model(tiny_tokenizer, seed=0), build_tiny_model(tiny_tokenizer, seed=1)
+    r = benign_kl(a, b, tiny_tokenizer, ROWS[:1], progress=False)
+    e = encode(tiny_tokenizer, ROWS[0]["messages"], ROWS[0]["response"])
+    ids = torch.tensor([e.input_ids])
+    with torch.no_grad():
+        la = torch.log_softmax(a(input_ids=ids).logits[0], -1)
+        lb = torch.log_softmax(b(input_ids=ids).logits[0], -1)
+    pos = range(e.request_len - 1, len(e.input_ids) - 1)      # positions predicting the response tokens
+    kl = sum((lb[t].exp() * (lb[t] - la[t])).sum().item() for t in pos) / len(pos)
+    nll = -sum(la[t, e.input_ids[t + 1]].item() for t in pos) / len(pos)
+    assert r["kl"] == pytest.approx(kl, rel=1e-4) and r["ppl"] == pytest.approx(math.exp(nll), rel=1e-4)
+    assert r["tokens"] == e.response_len
+
+
+def test_benign_kl_needs_reference(tiny_model, tiny_tokenizer):
+    with pytest.raises(RepbendError, match="reference"):
+        benign_kl(tiny_model, None, tiny_tokenizer, ROWS, progress=False)
+    with pytest.raises(RepbendError, match="non-empty"):
+        benign_kl(tiny_model, tiny_model, tiny_tokenizer, [{"messages": ROWS[0]["messages"], "response": ""}])
+
+
+def test_evaluate_capability_without_reference(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    import repbend.evaluation.capability as cap
+
+    monkeypatch.setattr(cap, "load_mmlu", lambda: FIXTURE)     # no wheel in the isolated test cache
+    values = evaluate_capability(tiny_model, tiny_tokenizer, {"mmlu_n": 4, "benign_n": 2, "benign_max_new_tokens": 4},
+                                 out_dir=tmp_path, progress=False)
+    assert "mmlu" in values and set(values) <= {"mmlu", "benign_ppl"} and 0 <= values["mmlu"] <= 1
+    details = __import__("json").loads((tmp_path / "capability.json").read_text())
+    assert "skipped" in details["benign_kl"] and details["mmlu"]["n"] == 4   # no reference for a plain model
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(RepbendError, match="mmlu_k_shot"):
+        evaluate_capability(None, None, {"mmlu_k_shot": 9})
+    with pytest.raises(RepbendError, match="unknown key"):
+        evaluate_capability(None, None, {"mmlu_size": 9})
+    assert CapabilityConfig().mmlu_n == 500
+
+
+def test_last_number():
+    assert last_number("so the answer is 1,234.5 dollars") == 1234.5
+    assert last_number("#### -7") == -7 and last_number("none") is None
