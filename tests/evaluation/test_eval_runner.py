@@ -157,3 +157,14 @@ def test_suite_errors_name_the_field(suite_file):
 def test_shipped_suites_validate(name):
     s = load_suite(name)
     assert s.name == name and s.attacks and s.benchmarks
+
+
+def test_n_behaviours_and_labels_run_an_attack_on_a_subset(tiny_model, tiny_tokenizer, suite_file, tmp_path):
+    res = evaluate(_cfg(suite_file, tmp_path / "run", overrides=[
+        "attacks=[{name: direct}, {name: direct, label: direct_small, n_behaviours: 2}]", "over_refusal.enabled=false"]),
+        model=tiny_model, tokenizer=tiny_tokenizer)
+    assert res["asr"]["direct"]["file"]["n"] == 3 and res["asr"]["direct_small"]["file"]["n"] == 2
+    with pytest.raises(ConfigError, match=r"benchmarks\[0\] \(file\)\.n_behaviours"):
+        load_suite(str(suite_file), ["benchmarks.0.n_behaviours=2"])
+    with pytest.raises(ConfigError, match=r"attacks\[1\] \(direct\)\.label: 'direct' is used twice"):
+        load_suite(str(suite_file), ["attacks=[{name: direct}, {name: direct}]"])

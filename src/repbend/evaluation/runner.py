@@ -99,6 +99,14 @@ def load_benchmarks(suite: Suite) -> dict[str, tuple[Any, list]]:
     return out
 
 
+def attack_subset(behaviours: list, n: int | None, seed: int) -> list:
+    """A seeded, category-stratified subset of ``n`` behaviours (all when ``n`` is None)."""
+    from repbend.evaluation.benchmarks.packaged import stratified_subset
+
+    rows = [{"i": i, "category": b.category} for i, b in enumerate(behaviours)]
+    return [behaviours[r["i"]] for r in stratified_subset(rows, n, seed)]
+
+
 def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: Any) -> tuple[dict, list, dict]:
     """Run every attack on every benchmark; returns (asr table, completion rows, per-attack meta)."""
     from repbend.evaluation.attacks import ATTACKS
@@ -110,9 +118,10 @@ def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: 
         label, attack = build(ATTACKS, spec)
         t0 = time.perf_counter()
         for bench_label, (bench, behaviours) in benchmarks.items():
-            _echo(f"[{i}/{len(suite.attacks)}] attack {label} on {bench_label} ({len(behaviours)} behaviours)")
+            n = min(len(behaviours), spec.get("n_behaviours") or len(behaviours))
+            _echo(f"[{i}/{len(suite.attacks)}] attack {label} on {bench_label} ({n} behaviours)")
             try:
-                bs = behaviours
+                bs = attack_subset(behaviours, spec.get("n_behaviours"), suite.seed)
                 if type(attack).needs_target:
                     bs = ensure_targets(label, behaviours, bench_label, allow_generic=suite.allow_generic_target,
                                         generic_target=suite.generic_target)
@@ -146,7 +155,7 @@ def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: 
 
 def run_capability(cfg: EvalConfig, model: Any, tokenizer: Any, out: Path) -> dict:
     """Capability numbers from repbend.evaluation.capability (MMLU subset, KL/perplexity vs original)."""
-    if not cfg.suite.capability:
+    if cfg.suite.capability is None:
         return {}
     from repbend.evaluation import capability
 
@@ -202,7 +211,7 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
 
     t0 = time.perf_counter()
     capability = run_capability(cfg, model, tokenizer, out)
-    if suite.capability:
+    if suite.capability is not None:
         timings["capability"] = round(time.perf_counter() - t0, 2)
     timings["total"] = round(time.perf_counter() - t_start, 2)
 

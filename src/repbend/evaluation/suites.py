@@ -2,14 +2,16 @@
 
 A suite is a :class:`Suite` (unknown keys are errors). Benchmarks, attacks and the judge are written
 as ``{name: <registry name>, <fields of that class's Config>}`` and may carry a ``label`` (the key
-used in results; default: the name) so one attack can run twice with different budgets::
+used in results; default: the name) so one attack can run twice with different budgets. An attack
+may also carry ``n_behaviours``: run it on a seeded, category-stratified subset of that many of each
+benchmark's behaviours (for expensive white-box attacks on a CPU)::
 
     benchmarks:
       - {name: harmbench, n: 32, seed: 0}
     attacks:
       - {name: direct}
       - {name: templates, n_templates: 4}
-      - {name: gcg, label: gcg_small, preset: cpu}
+      - {name: gcg, label: gcg_small, preset: cpu, n_behaviours: 8}
     judge: {name: default}
 
 ``load_suite("quick" | "full" | path, overrides)`` reads ``configs/suites/<name>.yaml`` (shipped with
@@ -79,9 +81,12 @@ class Suite(Section):
         return _check_named(v, info.field_name)
 
 
+RUNNER_KEYS = ("name", "label", "n_behaviours")   # read by the runner, not passed to the class's Config
+
+
 def split_spec(spec: dict) -> tuple[str, str, dict]:
-    """``{name, label?, **fields}`` -> (name, label, fields)."""
-    fields = {k: v for k, v in spec.items() if k not in ("name", "label")}
+    """``{name, label?, n_behaviours?, **fields}`` -> (name, label, fields)."""
+    fields = {k: v for k, v in spec.items() if k not in RUNNER_KEYS}
     return spec["name"], str(spec.get("label") or spec["name"]), fields
 
 
@@ -109,6 +114,9 @@ def check_suite(suite: Suite) -> list[str]:
         for i, spec in enumerate(specs):
             name, label, fields = split_spec(spec)
             where = f"{field}[{i}] ({name})" if field != "judge" else f"judge ({name})"
+            nb = spec.get("n_behaviours")
+            if nb is not None and (field != "attacks" or not isinstance(nb, int) or isinstance(nb, bool) or nb < 1):
+                problems.append(f"{where}.n_behaviours: must be a positive integer, and only on attacks")
             if label in labels:
                 problems.append(f"{where}.label: {label!r} is used twice; give one of them a different label")
             labels.add(label)
@@ -119,7 +127,7 @@ def check_suite(suite: Suite) -> list[str]:
                 continue
             _, errors = validate_data(cls.Config, fields)
             problems += [f"{where}.{e}" for e in errors]
-    if suite.capability:
+    if suite.capability is not None:
         try:
             from repbend.evaluation.capability import CapabilityConfig
         except ImportError:
