@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from pydantic import Field
 
 from repbend.config import Section
 from repbend.errors import RepbendError
