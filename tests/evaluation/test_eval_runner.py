@@ -51,8 +51,9 @@ LIGHT = ["attacks=[{name: direct}]", "over_refusal.enabled=false"]
 
 
 def _cfg(suite_file, out, model="tiny", overrides=None, **kw):
+    kw.setdefault("report", False)
     return EvalConfig(model=model, suite=load_suite(str(suite_file), overrides), output_dir=str(out), progress=False,
-                      report=False, **kw)
+                      **kw)
 
 
 def test_results_schema_and_files(tiny_model, tiny_tokenizer, suite_file, tmp_path):
@@ -168,3 +169,10 @@ def test_n_behaviours_and_labels_run_an_attack_on_a_subset(tiny_model, tiny_toke
         load_suite(str(suite_file), ["benchmarks.0.n_behaviours=2"])
     with pytest.raises(ConfigError, match=r"attacks\[1\] \(direct\)\.label: 'direct' is used twice"):
         load_suite(str(suite_file), ["attacks=[{name: direct}, {name: direct}]"])
+
+
+def test_report_is_written_next_to_results(tiny_model, tiny_tokenizer, suite_file, tmp_path):
+    out = tmp_path / "run"
+    evaluate(_cfg(suite_file, out, overrides=LIGHT, report=True), model=tiny_model, tokenizer=tiny_tokenizer)
+    text = (out / "report.md").read_text()
+    assert "direct" in text and (out / "asr.png").is_file()

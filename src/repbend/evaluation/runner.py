@@ -248,7 +248,9 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
 def write_report(results: dict, out: Path) -> None:
     try:
         from repbend.evaluation.report import write_report as _write
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "repbend.evaluation.report":
+            raise
         _echo("report: repbend.evaluation.report is not available; wrote results.json only")
         return
     _write(results, out)
