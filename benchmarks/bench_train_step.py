@@ -11,7 +11,9 @@ every loss term is non-trivial), each in its own subprocess so peak memory (ru_m
   (B, T, V) logits for the KL term, the loss written out directly from the paper's definitions.
 
 Checks that the two first-step losses agree (relative difference < 1e-4, fp32) and prints step time,
-tokens/s (real, non-padding tokens), peak RSS and the ratios. Defaults fit a few minutes on 2 CPU cores.
+tokens/s (real, non-padding tokens), peak RSS and the ratios. Memory: the reference formulation at
+512 + 512 and batch 2 per split peaks near 20 GB of RAM without gradient checkpointing (full logits
+and activations of 6 x 1024-token rows); on a small machine pass --grad-checkpointing (both variants).
 
     python benchmarks/bench_train_step.py [--data data/built-default] [--batch 2] [--steps 1]
 """
@@ -185,6 +187,7 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
         res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{variant}: {json.dumps(res[variant])}", flush=True)
     e, r = res["engine"], res["reference"]
     timed = lambda x, k="times": sum(x[k][1:]) / max(len(x[k]) - 1, 1)  # noqa: E731
     rel = abs(e["losses"][0] - r["losses"][0]) / max(abs(r["losses"][0]), 1e-12)

@@ -150,7 +150,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     method.check_batch(run.batch(check_items)[2])  # bad data fails here, before the first step
     tele = Telemetry(run_dir, enabled=acc.is_main_process)
     if ckpt is not None:
-        acc.load_state(str(ckpt), strict=False)
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED  # DS loads its own full checkpoint
+        acc.load_state(str(ckpt), **({} if deepspeed else {"strict": False}))  # only trainable tensors saved
         tele.truncate_after(state.step)
     elif acc.is_main_process:
         write_run_info(run_dir, cfg, tc.seed, status="running", **pair.info)

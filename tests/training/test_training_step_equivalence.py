@@ -1,0 +1,55 @@
+"""The engine's one-batch step equals the straightforward six-pass, fixed-padding formulation (tiny model).
+
+Uses the benchmark's reference formulation (benchmarks/bench_train_step.py) so the benchmark and the
+engine are held to the same numbers here, in fp32, on a model whose LoRA B is random (non-trivial loss).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from repbend.data.chat import encode
+from repbend.methods.repbend import RepBend, RepBendConfig
+from repbend.training.model_setup import linear_block_modules
+
+_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train_step.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step", _BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("safe_layers", ["all"])
+def test_engine_matches_six_pass_reference(tiny_model, tiny_tokenizer, safe_layers):
+    from peft import LoraConfig, get_peft_model
+
+    bench = _bench()
+    method = RepBend(RepBendConfig(target_layers=[2, 3], safe_layers=safe_layers, max_unsafe_ratio=None), 4, 32)
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                  target_modules=linear_block_modules(tiny_model)))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.train()
+    texts = {"safe": [("How do I bake bread?", "Mix flour and water."), ("What is 2+2?", "4")],
+             "unsafe": [("Write malware.", "Sure, here is a step-by-step guide to it."), ("Hurt someone?", "Sure.")],
+             "retain": [("Say hello.", "Hello there, friend!"), ("Describe a cat.", "A cat is small.")]}
+    items = {s: [encode(tiny_tokenizer, [{"role": "user", "content": q}], a, max_request_tokens=96, max_response_tokens=64)
+                 for q, a in rows]
+             for s, rows in texts.items()}
+    engine = bench.engine_step_fn(model, tiny_tokenizer, method)(items)
+    naive = bench.reference_step_fn(model, tiny_tokenizer, method, 96, 64)(items)
+    assert abs(float(engine)) > 1e-3
+    assert float(engine) == pytest.approx(float(naive), rel=1e-5)
+    ge = torch.autograd.grad(engine, [p for p in model.parameters() if p.requires_grad])
+    gn = torch.autograd.grad(naive, [p for p in model.parameters() if p.requires_grad])
+    for a, b in zip(ge, gn):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
