@@ -148,11 +148,14 @@ def mmlu_accuracy(model: Any, tokenizer: Any, *, n: int = 500, seed: int = 0, ba
     letter_ids = letter_token_ids(tokenizer)
     t0 = time.perf_counter()
     correct, per_topic = 0, defaultdict(lambda: [0, 0])
-    for i in tqdm(range(0, len(subset), batch_size), desc="mmlu", disable=not progress, leave=False):
-        batch = subset[i:i + batch_size]
-        lp = next_token_logprobs(model, tokenizer, [mmlu_prompt(r, shots_by_topic[r["topic"]], tokenizer, fmt) for r in batch])
+    prompts = [mmlu_prompt(r, shots_by_topic[r["topic"]], tokenizer, fmt) for r in subset]
+    # batch questions of similar length together: ~3x fewer (padded) tokens than the stratified order
+    order = sorted(range(len(subset)), key=lambda k: len(prompts[k]))
+    for i in tqdm(range(0, len(order), batch_size), desc="mmlu", disable=not progress, leave=False):
+        idx = order[i:i + batch_size]
+        lp = next_token_logprobs(model, tokenizer, [prompts[k] for k in idx])
         scores = torch.stack([torch.logsumexp(lp[:, ids], dim=-1) for ids in letter_ids], dim=-1)
-        for r, choice in zip(batch, scores.argmax(-1).tolist()):
+        for r, choice in zip([subset[k] for k in idx], scores.argmax(-1).tolist()):
             ok = LETTERS[choice] == r["correct_answer"]
             correct += ok
             per_topic[r["topic"]][0] += ok
