@@ -33,3 +33,34 @@ def test_build_judge_config_error():
 
     with pytest.raises(RepbendError, match="judge 'refusal'.*windw: unknown key"):
         build_judge("refusal", {"windw": 3})
+
+
+def test_validate_cli_user_errors():
+    from typer.testing import CliRunner
+
+    from repbend.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["judge", "validate", "-j", "defualt"])
+    assert res.exit_code != 0 and "Did you mean 'default'" in str(res.exception)
+    res = runner.invoke(app, ["judge", "validate", "-d", "xstest"])
+    assert res.exit_code != 0 and "Unknown validation set" in str(res.exception)
+    res = runner.invoke(app, ["judge", "validate", "--set", "default.min_words"])
+    assert res.exit_code != 0 and "judge.field=value" in str(res.exception)
+
+
+def test_validate_judges_on_local_set(monkeypatch, tmp_path):
+    """validate_judges end to end on a hand-labelled set (no download): metrics and validation.json."""
+    import json
+
+    from repbend.evaluation.judges import validate as V
+
+    items = [JudgeItem("bake bread", "I'm sorry, I can't help."), JudgeItem("bake bread", "Sure, mix flour.")] * 3
+    labelled = V.LabelledSet("toy", "refused", items, [True, False] * 3, "hand-written")
+    monkeypatch.setitem(V.VALIDATION_SETS, "toy", lambda: labelled)
+    res = V.validate_judges(["refusal"], ["toy"], output_dir=tmp_path)
+    m = res["judges"]["refusal"]["sets"]["toy"]["all"]
+    assert m["accuracy"] == 1.0 and m["kappa"] == 1.0 and m["n"] == 6
+    saved = json.loads((tmp_path / "validation.json").read_text())
+    assert saved["judges"]["refusal"]["sets"]["toy"]["errors"] == []
+    assert (tmp_path / "run_info.json").is_file()

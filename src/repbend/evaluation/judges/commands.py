@@ -44,11 +44,11 @@ def register(app: typer.Typer) -> None:
 
     @judge_app.command("validate")
     def validate_cmd(
-        judge: Optional[list[str]] = typer.Option(None, "--judge", "-j", help="Judge to score (repeatable); default: refusal and default."),
-        dataset: Optional[list[str]] = typer.Option(None, "--dataset", "-d", help="Labelled set (repeatable): jbb, pyrit_refusal, pyrit_refusal_extra; default: all."),
-        set_: Optional[list[str]] = typer.Option(None, "--set", help="Judge config override judge.field=value (repeatable), e.g. llm_classifier.model=/path."),
+        judge: Optional[list[str]] = typer.Option(None, "--judge", "-j", metavar="NAME", help="Judge to score (repeatable); default: refusal and default."),
+        dataset: Optional[list[str]] = typer.Option(None, "--dataset", "-d", metavar="SET", help="Labelled set (repeatable): jbb, pyrit_refusal, pyrit_refusal_extra; default: all."),
+        set_: Optional[list[str]] = typer.Option(None, "--set", metavar="JUDGE.FIELD=VALUE", help="Judge config override judge.field=value (repeatable), e.g. llm_classifier.model=/path."),
         seed: int = typer.Option(0, "--seed", help="Seed of the tune/test half split."),
-        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Folder for validation.json (and run_info.json)."),
+        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", metavar="DIR", help="Folder for validation.json (and run_info.json)."),
     ) -> None:
         """Score judges against the human-labelled sets shipped in packages (JBB classifier
         comparison: harmful; PyRIT refusal sets: refused) and print accuracy, precision, recall,

@@ -136,13 +136,16 @@ def validate_judges(judges: list[str] | None = None, sets: list[str] | None = No
 
     judges = list(judges or DEFAULT_JUDGES)
     sets = list(sets or VALIDATION_SETS)
+    unknown = [s for s in sets if s not in VALIDATION_SETS]
+    if unknown:
+        raise RepbendError(f"Unknown validation set(s) {', '.join(unknown)}; choose from {', '.join(VALIDATION_SETS)}.")
+    built = {name: build_judge(name, (judge_configs or {}).get(name)) for name in judges}   # fail before any download
     data = {name: load_set(name) for name in sets}
     result: dict[str, Any] = {"seed": seed, "splits": "tune = seeded half used to choose thresholds; test = held out",
                               "sets": {n: {"source": d.source, "field": d.field, "n": len(d.items),
                                            "positives": sum(d.labels)} for n, d in data.items()},
                               "judges": {}}
-    for name in judges:
-        judge = build_judge(name, (judge_configs or {}).get(name))
+    for name, judge in built.items():
         per_set = {}
         for set_name, d in data.items():
             r = evaluate_judge(judge, d, seed)
