@@ -153,13 +153,15 @@ def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, 
                disable=not progress)
     try:
         for chunk in todo:
+            start = time.perf_counter()
             texts = generate(model, tokenizer, [[{"role": "user", "content": t}] for t, _ in chunk],
                              max_new_tokens=chunk[0][1], do_sample=g.do_sample, temperature=g.temperature,
                              top_p=g.top_p, seed=cfg.seed, batch_size=len(chunk), progress=False)
+            share = round((time.perf_counter() - start) / len(chunk), 3)  # seconds per request (timings)
             for (t, n), outs in zip(chunk, texts):
                 k = _key(t, n)
                 if k not in done:
-                    append_jsonl(ckpt, {"key": k, "max_new_tokens": n, "prompt": t, "text": outs[0]})
+                    append_jsonl(ckpt, {"key": k, "max_new_tokens": n, "prompt": t, "text": outs[0], "seconds": share})
                     done[k] = outs[0]
             bar.update(len(chunk))
     finally:
@@ -292,7 +294,8 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, overwrite: bool = F
     jobs += [(user_text(r), g.max_new_tokens_benign) for r in data["benign"]]
     t = time.perf_counter()
     answers = generate_answers(model, tokenizer, jobs, out / CHECKPOINT, cfg, progress)
-    timings["generate_s"] = round(time.perf_counter() - t, 2)
+    timings["generate_s"] = round(time.perf_counter() - t, 2)  # this session (0 when all answers were cached)
+    timings["generate_s_all_sessions"] = round(sum(r.get("seconds", 0) for r in read_jsonl(out / CHECKPOINT)), 2)
 
     stats = {"harmful_requests": len(data["harmful"]), "benign_requests": len(data["benign"]),
              "harmful_complied": 0, "harmful_refused_by_model": 0, "benign_refused_by_model": 0,
