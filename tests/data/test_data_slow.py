@@ -34,13 +34,12 @@ def test_minilm_embedding_drops_a_paraphrase_the_ngram_test_keeps():
 
 
 def test_small_build_with_the_default_model(tmp_path):
-    from repbend.config import load_config
     from repbend.data.build import build_dataset
-    from repbend.data.build_config import DataBuildConfig
+    from repbend.data.build_config import load_build_config
     from repbend.data.dataset import load_built
 
     from pathlib import Path
-    cfg = load_config(DataBuildConfig, Path(__file__).resolve().parents[2] / "configs" / "data-default.yaml",
+    cfg = load_build_config(Path(__file__).resolve().parents[2] / "configs" / "data-default.yaml",
                       ["harmful.0.max_rows=6", "harmful.1.max_rows=2", "benign.0.max_rows=4", "benign.1.max_rows=2",
                        "generation.max_new_tokens_harmful=24", "generation.max_new_tokens_benign=24",
                        "generation.batch_size=8"])

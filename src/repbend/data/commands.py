@@ -24,11 +24,10 @@ def build_cmd(
 ) -> None:
     """Read the sources, decontaminate against the evaluation sets, let the model answer every training
     request, and write train.jsonl, val.jsonl and manifest.json. Re-running the same command resumes."""
-    from repbend.config import load_config
     from repbend.data.build import build_dataset
-    from repbend.data.build_config import DataBuildConfig
+    from repbend.data.build_config import load_build_config
 
-    cfg = load_config(DataBuildConfig, config, list(overrides or []) + ([f"model={model}"] if model else []))
+    cfg = load_build_config(config, list(overrides or []) + ([f"model={model}"] if model else []))
     manifest = build_dataset(cfg, output, overwrite=overwrite, progress=not no_progress)
     tr, va = manifest["counts"]["train"], manifest["counts"]["val"]
     typer.echo(f"built {output}: train {tr['total']} rows {tr['by_split']}, val {va['total']} rows {va['by_split']}; "
