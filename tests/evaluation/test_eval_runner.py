@@ -162,9 +162,11 @@ def test_shipped_suites_validate(name):
 
 def test_n_behaviours_and_labels_run_an_attack_on_a_subset(tiny_model, tiny_tokenizer, suite_file, tmp_path):
     res = evaluate(_cfg(suite_file, tmp_path / "run", overrides=[
-        "attacks=[{name: direct}, {name: direct, label: direct_small, n_behaviours: 2}]", "over_refusal.enabled=false"]),
+        "attacks=[{name: direct}, {name: direct, label: direct_small, n_behaviours: 2}, "
+        "{name: prefill, n_behaviours: 1}]", "over_refusal.enabled=false"]),
         model=tiny_model, tokenizer=tiny_tokenizer)
     assert res["asr"]["direct"]["file"]["n"] == 3 and res["asr"]["direct_small"]["file"]["n"] == 2
+    assert res["asr"]["prefill"]["file"]["n"] == 1 and res["asr"]["prefill"]["file"]["n_completions"] == 1
     with pytest.raises(ConfigError, match=r"benchmarks\[0\] \(file\)\.n_behaviours"):
         load_suite(str(suite_file), ["benchmarks.0.n_behaviours=2"])
     with pytest.raises(ConfigError, match=r"attacks\[1\] \(direct\)\.label: 'direct' is used twice"):

@@ -123,7 +123,7 @@ def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: 
             try:
                 bs = attack_subset(behaviours, spec.get("n_behaviours"), suite.seed)
                 if type(attack).needs_target:
-                    bs = ensure_targets(label, behaviours, bench_label, allow_generic=suite.allow_generic_target,
+                    bs = ensure_targets(label, bs, bench_label, allow_generic=suite.allow_generic_target,
                                         generic_target=suite.generic_target)
                 comps = attack.run(bs, target, store)
             except AttackSkipped as e:
