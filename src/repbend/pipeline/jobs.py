@@ -77,12 +77,12 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     suite = load_suite(cfg.suite, list(cfg.suite_overrides))
     suite_fp = suite.model_dump(mode="json")
 
-    def eval_stage(name: str, adapter: Path | None) -> Stage:
+    def eval_stage(name: str, adapter: Path | None, model: str | None = None) -> Stage:
         d = out / name
-        ecfg = EvalConfig(model=cfg.model, adapter=str(adapter) if adapter else None, suite=suite,
+        ecfg = EvalConfig(model=model or cfg.model, adapter=str(adapter) if adapter else None, suite=suite,
                           output_dir=str(d))
         return Stage(f"evaluate {name}", d, lambda: evaluate(ecfg),
-                     {"model": cfg.model, "adapter": str(adapter), "suite": suite_fp})
+                     {"model": model or cfg.model, "adapter": str(adapter), "suite": suite_fp})
 
     stages = [Stage("build data", data_dir, lambda: build_dataset(data_cfg, data_dir),
                     {"data": data_cfg.model_dump(mode="json")}),
@@ -100,11 +100,11 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                                    f"point --train-config at the right file.")
             stages.append(Stage(f"train {method} seed {seed}", run, lambda t=tcfg: train(t, resume=True),
                                 {"train": tcfg.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json")}))
-            weights = run if tcfg.full_finetune else run / "adapter"
+            # the run folder holds the final adapter (LoRA) or the full weights (full fine-tuning)
             if tcfg.full_finetune:
-                raise RepbendError("the pipeline evaluates LoRA adapters; for full fine-tuning evaluate the run "
-                                   "folder with `repbend eval --model RUN` yourself")
-            stages.append(eval_stage(f"eval-{method}-s{seed}", weights))
+                stages.append(eval_stage(f"eval-{method}-s{seed}", None, model=str(run)))
+            else:
+                stages.append(eval_stage(f"eval-{method}-s{seed}", run))
     return stages
 
 
