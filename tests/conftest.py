@@ -10,6 +10,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one thread is faster (no sync overhead) and immune to a busy machine's oversubscription.
+torch.set_num_threads(1)
 
 CHATML = (
     "{% for message in messages %}"
