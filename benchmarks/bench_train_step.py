@@ -171,17 +171,23 @@ def main() -> None:
     ap.add_argument("--model", default="default", help="Model spec for repbend.models.load_model.")
     ap.add_argument("--data", default="data/built-default", help="Built dataset (falls back to benign prompts).")
     ap.add_argument("--batch", type=int, default=2, help="Rows per split.")
-    ap.add_argument("--steps", type=int, default=1, help="Timed steps after one warm-up step.")
+    ap.add_argument("--steps", type=int, default=1, help="Timed steps after one warm-up step (0: time the warm-up).")
     ap.add_argument("--max-request", type=int, default=512, help="Request width (reference pads to it).")
     ap.add_argument("--max-response", type=int, default=512, help="Response width (reference pads to it).")
     ap.add_argument("--grad-checkpointing", action="store_true", help="Enable gradient checkpointing in both.")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per variant (0 = torch's default).")
     ap.add_argument("--variant", choices=["engine", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="VARIANT=FILE",
+                    help="Take a variant's result from FILE (its JSON line) instead of running it again.")
     args = ap.parse_args()
+    args.reuse = dict(x.split("=", 1) for x in args.reuse)
     if args.variant:
         return child(args)
     res = {}
     for variant in ("engine", "reference"):
+        if args.reuse and variant in args.reuse:  # a variant's JSON line from an earlier run (same args)
+            res[variant] = json.loads(Path(args.reuse[variant]).read_text().strip().splitlines()[-1])
+            continue
         cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -189,7 +195,8 @@ def main() -> None:
         res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{variant}: {json.dumps(res[variant])}", flush=True)
     e, r = res["engine"], res["reference"]
-    timed = lambda x, k="times": sum(x[k][1:]) / max(len(x[k]) - 1, 1)  # noqa: E731
+    first = 0 if min(len(e["times"]), len(r["times"])) == 1 else 1  # steps 0: compare the warm-up steps
+    timed = lambda x, k="times": (x[k][0] if first == 0 else sum(x[k][1:]) / (len(x[k]) - 1))  # noqa: E731
     rel = abs(e["losses"][0] - r["losses"][0]) / max(abs(r["losses"][0]), 1e-12)
     grel = abs(e["grad_norms"][0] - r["grad_norms"][0]) / max(abs(r["grad_norms"][0]), 1e-12)
     print(f"samples: {args.batch} per split, {e['tokens']} real tokens/step; reference pads to "

@@ -242,8 +242,8 @@ class RepBend(Method):
         if limit is None:
             return
         scale = torch.stack([ref.hidden[l][mask].float().norm(dim=-1).mean() for l in self.target]).mean()
-        if float(l_unsafe) > limit * float(scale):
+        if float(l_unsafe.detach()) > limit * float(scale):
             raise DivergenceError(
-                f"L_unsafe = {float(l_unsafe):.4g} exceeds max_unsafe_ratio {limit:g} x the reference norm "
+                f"L_unsafe = {float(l_unsafe.detach()):.4g} exceeds max_unsafe_ratio {limit:g} x the reference norm "
                 f"{float(scale):.4g}: the unsafe representations are exploding; lower method.beta or the learning "
                 f"rate, or raise method.max_unsafe_ratio.")
