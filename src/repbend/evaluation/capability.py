@@ -38,6 +38,8 @@ class CapabilityConfig(Section):
     mmlu_seed: int = Field(0, description="Seed of the MMLU subset.")
     mmlu_k_shot: int = Field(0, ge=0, le=5, description="Worked examples from the same topic before each question.")
     mmlu_format: Literal["plain", "chat"] = Field("plain", description="Prompt as plain text or inside the chat template.")
+    mmlu_calibrate: bool = Field(True, description="Headline 'mmlu' after removing the model's letter prior "
+                                                   "(contextual calibration); the raw accuracy is reported as 'mmlu_raw'.")
     batch_size: int = Field(16, ge=1, description="Questions (or sequences) per forward pass.")
     benign_kl: bool = Field(True, description="Measure KL and perplexity vs the original model on benign answers.")
     benign_data: str | None = Field(None, description="Built dataset folder whose val retain rows are the benign answers; "
@@ -147,22 +149,33 @@ def mmlu_accuracy(model: Any, tokenizer: Any, *, n: int = 500, seed: int = 0, ba
             shots_by_topic[r["topic"]].append(r)
     letter_ids = letter_token_ids(tokenizer)
     t0 = time.perf_counter()
-    correct, per_topic = 0, defaultdict(lambda: [0, 0])
     prompts = [mmlu_prompt(r, shots_by_topic[r["topic"]], tokenizer, fmt) for r in subset]
     # batch questions of similar length together: ~3x fewer (padded) tokens than the stratified order
     order = sorted(range(len(subset)), key=lambda k: len(prompts[k]))
+    scores = torch.zeros(len(subset), len(LETTERS))
     for i in tqdm(range(0, len(order), batch_size), desc="mmlu", disable=not progress, leave=False):
         idx = order[i:i + batch_size]
         lp = next_token_logprobs(model, tokenizer, [prompts[k] for k in idx])
-        scores = torch.stack([torch.logsumexp(lp[:, ids], dim=-1) for ids in letter_ids], dim=-1)
-        for r, choice in zip([subset[k] for k in idx], scores.argmax(-1).tolist()):
-            ok = LETTERS[choice] == r["correct_answer"]
-            correct += ok
-            per_topic[r["topic"]][0] += ok
-            per_topic[r["topic"]][1] += 1
+        scores[idx] = torch.stack([torch.logsumexp(lp[:, ids], dim=-1) for ids in letter_ids], dim=-1).cpu()
+    gold = torch.tensor([LETTERS.index(r["correct_answer"]) for r in subset])
+    raw = scores.argmax(-1)
+    # contextual calibration: remove the model's prior over letters (mean log-prob of each letter over the
+    # subset), which dominates small models' choices; the same correction is applied to every model
+    calibrated = (scores - scores.mean(0, keepdim=True)).argmax(-1)
+    per_topic: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for r, a, c, g in zip(subset, raw.tolist(), calibrated.tolist(), gold.tolist()):
+        per_topic[r["topic"]][0] += a == g
+        per_topic[r["topic"]][1] += c == g
+        per_topic[r["topic"]][2] += 1
     secs = time.perf_counter() - t0
-    return {"accuracy": correct / len(subset), "n": len(subset), "seed": seed, "k_shot": k_shot, "format": fmt,
-            "seconds": round(secs, 2), "per_topic": {t: c / m for t, (c, m) in sorted(per_topic.items())}}
+    return {"accuracy": (raw == gold).float().mean().item(),
+            "accuracy_calibrated": (calibrated == gold).float().mean().item(),
+            "n": len(subset), "seed": seed, "k_shot": k_shot, "format": fmt, "seconds": round(secs, 2),
+            "predicted": {L: int((raw == k).sum()) for k, L in enumerate(LETTERS)},
+            "predicted_calibrated": {L: int((calibrated == k).sum()) for k, L in enumerate(LETTERS)},
+            "gold": {L: int((gold == k).sum()) for k, L in enumerate(LETTERS)},
+            "per_topic": {t: {"accuracy": a / m, "accuracy_calibrated": c / m, "n": m}
+                          for t, (a, c, m) in sorted(per_topic.items())}}
 
 
 # ---------------------------------------------------------------- KL / perplexity
@@ -328,7 +341,9 @@ def evaluate_capability(model: Any, tokenizer: Any, settings: dict | CapabilityC
     if cfg.mmlu_n:
         r = mmlu_accuracy(model, tokenizer, n=cfg.mmlu_n, seed=cfg.mmlu_seed, batch_size=cfg.batch_size,
                           k_shot=cfg.mmlu_k_shot, fmt=cfg.mmlu_format, progress=progress)
-        values["mmlu"] = r["accuracy"]
+        values["mmlu"] = r["accuracy_calibrated"] if cfg.mmlu_calibrate else r["accuracy"]
+        if cfg.mmlu_calibrate:
+            values["mmlu_raw"] = r["accuracy"]
         details["mmlu"] = r
     if cfg.benign_kl:
         _benign(cfg, model, tokenizer, values, details, progress)

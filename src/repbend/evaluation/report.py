@@ -137,9 +137,10 @@ def plot_capability(results: dict, path: Path) -> None:
         ax.set_xticks([0])
         ax.set_xticklabels([name])
         ax.set_ylim(0, max(abs(cap[name]) * 1.25, 1e-3)) if cap[name] >= 0 else None
-        if name in ("mmlu", "gsm8k"):
+        if name.startswith(("mmlu", "gsm8k")):
             ax.set_ylim(0, 1)
-            ax.axhline(0.25 if name == "mmlu" else 0, color="grey", ls="--", lw=0.8)
+            if name.startswith("mmlu"):
+                ax.axhline(0.25, color="grey", ls="--", lw=0.8)   # chance level
     fig.suptitle("Capability (MMLU/GSM8K accuracy higher is better; KL/perplexity lower is closer to original)",
                  fontsize=9)
     fig.tight_layout()
