@@ -87,6 +87,8 @@ def test_resume_regenerates_nothing(tiny_model, tiny_tokenizer, suite_file, tmp_
     again = evaluate(_cfg(suite_file, out), model=tiny_model, tokenizer=tiny_tokenizer)
     assert counter.sequences == 26 and again["asr"] == first["asr"]
     assert again["meta"]["generation"]["cached"] == 26
+    assert again["meta"]["generation"]["all_runs"]["completions"] == 26
+    assert again["meta"]["generation"]["all_runs"]["new_tokens"] == first["meta"]["generation"]["new_tokens"]
 
 
 def test_refuses_results_of_another_model(tiny_model, tiny_tokenizer, suite_file, tmp_path):

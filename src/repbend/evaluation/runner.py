@@ -230,7 +230,8 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
             "benchmarks": {k: b.info() for k, (b, _) in benchmarks.items()},
             "versions": package_versions(),
             "timings": {**timings, "per_attack": attack_meta["timings"]},
-            "generation": {**target.throughput(), "max_new_tokens": gen.max_new_tokens},
+            "generation": {**target.throughput(), "max_new_tokens": gen.max_new_tokens,
+                           "all_runs": cached_throughput(store, ident["fingerprint"])},
             "skipped": attack_meta["skipped"],
             "white_box_attacks": attack_meta["white_box"],
             "provenance": attack_meta["provenance"],
@@ -243,6 +244,15 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
         write_report(results, out)
     _echo(f"results: {out / 'results.json'} (total {timings['total']:.0f} s)")
     return results
+
+
+def cached_throughput(store: Any, fingerprint: str) -> dict:
+    """Generation totals over every cached answer of this model (this run and the runs it resumed)."""
+    rows = [r for r in store.records() if r.get("kind") == "completion" and r.get("fingerprint") == fingerprint]
+    tokens = sum(r.get("new_tokens", 0) for r in rows)
+    secs = sum(r.get("seconds", 0.0) for r in rows)
+    return {"completions": len(rows), "new_tokens": tokens, "seconds": round(secs, 2),
+            "tokens_per_s": round(tokens / secs, 2) if secs else None}
 
 
 def write_report(results: dict, out: Path) -> None:
