@@ -132,3 +132,38 @@ def test_config_errors_name_the_field():
 def test_last_number():
     assert last_number("so the answer is 1,234.5 dollars") == 1234.5
     assert last_number("#### -7") == -7 and last_number("none") is None
+
+
+def test_option_logprobs_match_full_forward(tiny_model, tiny_tokenizer):
+    """Shared-prefix KV-cache scoring equals scoring each prompt + option in one plain forward."""
+    from repbend.evaluation.capability import option_logprobs
+
+    prompts = ["Question: What is 2+2?\nAnswer:", "Q: capital?\nA:"]
+    options = [["3", "four", "a large number", "5"], ["Paris", "Rome city", "Berlin", "the city of Madrid"]]
+    got = option_logprobs(tiny_model, tiny_tokenizer, prompts, options)
+    for i, p in enumerate(prompts):
+        for k, o in enumerate(options[i]):
+            pi = tiny_tokenizer(p, add_special_tokens=False)["input_ids"]
+            oi = tiny_tokenizer(" " + o, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                lp = torch.log_softmax(tiny_model(input_ids=torch.tensor([pi + oi])).logits[0].float(), -1)
+            ref = sum(lp[len(pi) - 1 + t, oi[t]].item() for t in range(len(oi)))
+            assert got[i, k].item() == pytest.approx(ref, abs=1e-3)
+
+
+def test_mmlu_cloze_method(tiny_model, tiny_tokenizer):
+    from repbend.evaluation.capability import cloze_prompt, option_logprobs
+
+    res = mmlu_accuracy(tiny_model, tiny_tokenizer, n=4, rows=FIXTURE, batch_size=4, method="cloze", progress=False)
+    chat = mmlu_accuracy(tiny_model, tiny_tokenizer, n=4, rows=FIXTURE, method="cloze", fmt="chat", progress=False)
+    assert 0 <= chat["accuracy"] <= 1 and chat["format"] == "chat"
+    assert res["method"] == "cloze" and res["n"] == 4
+    prompt = cloze_prompt(FIXTURE[0], [], tiny_tokenizer)
+    assert prompt.endswith("Question: What is 2 + 2?\nAnswer:") and "B. 4" not in prompt
+    correct = 0
+    for r in FIXTURE:
+        opts = [r["answer_" + L] for L in "abcd"]
+        total = option_logprobs(tiny_model, tiny_tokenizer, [cloze_prompt(r, [], tiny_tokenizer)], [opts])[0]
+        per_char = total / torch.tensor([len(o) + 1 for o in opts], dtype=torch.float)
+        correct += "ABCD"[int(per_char.argmax())] == r["correct_answer"]
+    assert res["accuracy"] == correct / 4

@@ -37,6 +37,8 @@ class CapabilityConfig(Section):
     mmlu_n: int = Field(500, ge=0, description="MMLU questions (topic-stratified subset); 0 = skip MMLU.")
     mmlu_seed: int = Field(0, description="Seed of the MMLU subset.")
     mmlu_k_shot: int = Field(0, ge=0, le=5, description="Worked examples from the same topic before each question.")
+    mmlu_method: Literal["cloze", "letters"] = Field("cloze", description="cloze: log-likelihood of each answer's text "
+                                                     "(length-normalised); letters: of the letters A-D after listing the options.")
     mmlu_format: Literal["plain", "chat"] = Field("plain", description="Prompt as plain text or inside the chat template.")
     mmlu_calibrate: bool = Field(True, description="Headline 'mmlu' after removing the model's letter prior "
                                                    "(contextual calibration); the raw accuracy is reported as 'mmlu_raw'.")
@@ -131,8 +133,65 @@ def next_token_logprobs(model: Any, tokenizer: Any, prompts: list[str]):
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def cloze_prompt(row: dict, shots: list[dict], tokenizer: Any, fmt: str = "plain") -> str:
+    """Question without the options; each answer's text is scored as the continuation."""
+    head = f"The following are questions (with answers) about {row['topic']}.\n\n"
+    shot_text = "".join(f"Question: {s['question'].strip()}\nAnswer: {s['answer_' + s['correct_answer'].lower()]}\n\n"
+                        for s in shots)
+    body = head + shot_text + f"Question: {row['question'].strip()}\nAnswer:"
+    if fmt == "plain":
+        return body
+    from repbend.data.chat import render_prompt
+
+    return render_prompt(tokenizer, [{"role": "user", "content": body}]).rstrip() + " "
+
+
+def option_logprobs(model: Any, tokenizer: Any, prompts: list[str], options: list[list[str]]):
+    """Sum of log p(" " + option | prompt) for every prompt x option, shape (len(prompts), n_options).
+
+    The prompts run once (left-padded, KV cache kept); the cache is repeated per option and only the
+    option tokens run again, so the cost is about one forward per question plus the short options.
+    """
+    import torch
+
+    B, K = len(prompts), len(options[0])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(e) for e in enc)
+    ids = torch.full((B, width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e):] = torch.tensor(e)
+        mask[i, width - len(e):] = 1
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(K, 0)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(K)
+        toks = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] or [pad] for row in options for o in row]
+        length = max(len(t) for t in toks)
+        oids = torch.full((B * K, length), pad, dtype=torch.long)
+        omask = torch.zeros_like(oids)
+        for j, t in enumerate(toks):
+            oids[j, :len(t)] = torch.tensor(t)
+            omask[j, :len(t)] = 1
+        oids, omask = oids.to(device), omask.to(device)
+        start = mask.sum(-1).repeat_interleave(K, 0)
+        logits = model(input_ids=oids, attention_mask=torch.cat([mask.repeat_interleave(K, 0), omask], 1),
+                       position_ids=start[:, None] + torch.arange(length, device=device)[None],
+                       past_key_values=cache).logits
+        lp = torch.log_softmax(logits.float(), -1)
+    total = first.gather(-1, oids[:, :1]).squeeze(-1)
+    if length > 1:
+        total = total + (lp[:, :-1].gather(-1, oids[:, 1:, None]).squeeze(-1) * omask[:, 1:]).sum(-1)
+    return total.view(B, K).cpu()
+
+
 def mmlu_accuracy(model: Any, tokenizer: Any, *, n: int = 500, seed: int = 0, batch_size: int = 16,
-                  k_shot: int = 0, fmt: str = "plain", rows: list[dict] | None = None,
+                  k_shot: int = 0, fmt: str = "plain", method: str = "letters", rows: list[dict] | None = None,
                   progress: bool = True) -> dict:
     """Accuracy on a topic-stratified MMLU subset (``rows`` overrides the packaged set, e.g. a fixture)."""
     import torch
@@ -149,14 +208,21 @@ def mmlu_accuracy(model: Any, tokenizer: Any, *, n: int = 500, seed: int = 0, ba
             shots_by_topic[r["topic"]].append(r)
     letter_ids = letter_token_ids(tokenizer)
     t0 = time.perf_counter()
-    prompts = [mmlu_prompt(r, shots_by_topic[r["topic"]], tokenizer, fmt) for r in subset]
+    cloze = method == "cloze"
+    prompts = [(cloze_prompt if cloze else mmlu_prompt)(r, shots_by_topic[r["topic"]], tokenizer, fmt) for r in subset]
     # batch questions of similar length together: ~3x fewer (padded) tokens than the stratified order
     order = sorted(range(len(subset)), key=lambda k: len(prompts[k]))
     scores = torch.zeros(len(subset), len(LETTERS))
-    for i in tqdm(range(0, len(order), batch_size), desc="mmlu", disable=not progress, leave=False):
+    for i in tqdm(range(0, len(order), batch_size), desc=f"mmlu ({method})", disable=not progress, leave=False):
         idx = order[i:i + batch_size]
-        lp = next_token_logprobs(model, tokenizer, [prompts[k] for k in idx])
-        scores[idx] = torch.stack([torch.logsumexp(lp[:, ids], dim=-1) for ids in letter_ids], dim=-1).cpu()
+        if cloze:
+            options = [[str(subset[k]["answer_" + L.lower()]).strip() or "-" for L in LETTERS] for k in idx]
+            total = option_logprobs(model, tokenizer, [prompts[k] for k in idx], options)
+            chars = torch.tensor([[len(o) + 1 for o in row] for row in options], dtype=torch.float)
+            scores[idx] = total / chars          # log-likelihood per character (length-normalised)
+        else:
+            lp = next_token_logprobs(model, tokenizer, [prompts[k] for k in idx])
+            scores[idx] = torch.stack([torch.logsumexp(lp[:, ids], dim=-1) for ids in letter_ids], dim=-1).cpu()
     gold = torch.tensor([LETTERS.index(r["correct_answer"]) for r in subset])
     raw = scores.argmax(-1)
     # contextual calibration: remove the model's prior over letters (mean log-prob of each letter over the
@@ -170,7 +236,7 @@ def mmlu_accuracy(model: Any, tokenizer: Any, *, n: int = 500, seed: int = 0, ba
     secs = time.perf_counter() - t0
     return {"accuracy": (raw == gold).float().mean().item(),
             "accuracy_calibrated": (calibrated == gold).float().mean().item(),
-            "n": len(subset), "seed": seed, "k_shot": k_shot, "format": fmt, "seconds": round(secs, 2),
+            "n": len(subset), "seed": seed, "k_shot": k_shot, "format": fmt, "method": method, "seconds": round(secs, 2),
             "predicted": {L: int((raw == k).sum()) for k, L in enumerate(LETTERS)},
             "predicted_calibrated": {L: int((calibrated == k).sum()) for k, L in enumerate(LETTERS)},
             "gold": {L: int((gold == k).sum()) for k, L in enumerate(LETTERS)},
@@ -340,7 +406,7 @@ def evaluate_capability(model: Any, tokenizer: Any, settings: dict | CapabilityC
     details: dict[str, Any] = {"config": cfg.model_dump(mode="json")}
     if cfg.mmlu_n:
         r = mmlu_accuracy(model, tokenizer, n=cfg.mmlu_n, seed=cfg.mmlu_seed, batch_size=cfg.batch_size,
-                          k_shot=cfg.mmlu_k_shot, fmt=cfg.mmlu_format, progress=progress)
+                          k_shot=cfg.mmlu_k_shot, fmt=cfg.mmlu_format, method=cfg.mmlu_method, progress=progress)
         values["mmlu"] = r["accuracy_calibrated"] if cfg.mmlu_calibrate else r["accuracy"]
         if cfg.mmlu_calibrate:
             values["mmlu_raw"] = r["accuracy"]
