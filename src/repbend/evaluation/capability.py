@@ -40,8 +40,9 @@ class CapabilityConfig(Section):
     mmlu_method: Literal["cloze", "letters"] = Field("cloze", description="cloze: log-likelihood of each answer's text "
                                                      "(length-normalised); letters: of the letters A-D after listing the options.")
     mmlu_format: Literal["plain", "chat"] = Field("plain", description="Prompt as plain text or inside the chat template.")
-    mmlu_calibrate: bool = Field(True, description="Headline 'mmlu' after removing the model's letter prior "
-                                                   "(contextual calibration); the raw accuracy is reported as 'mmlu_raw'.")
+    mmlu_calibrate: bool = Field(False, description="Headline 'mmlu' after removing the model's prior over answer "
+                                                    "positions (contextual calibration, meant for 'letters'); the raw "
+                                                    "accuracy is then reported as 'mmlu_raw'.")
     batch_size: int = Field(16, ge=1, description="Questions (or sequences) per forward pass.")
     benign_kl: bool = Field(True, description="Measure KL and perplexity vs the original model on benign answers.")
     benign_data: str | None = Field(None, description="Built dataset folder whose val retain rows are the benign answers; "
