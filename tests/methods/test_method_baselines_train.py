@@ -141,6 +141,6 @@ def test_paper_configs_are_valid_for_32_blocks(model, name):
     from repbend.training.config import TrainConfig, check_train_config
 
     cfg = load_config(TrainConfig, resolve_config(f"{model}-{name}"))
-    assert cfg.method.name == name and not cfg.full_finetune
+    assert cfg.method.name == name and cfg.full_finetune == (name == "rmu")   # RMU: full-rank, as its paper
     errors = [e for e in check_train_config(cfg, shape=(32, 4096)) if not e.startswith("data.dir")]
     assert errors == []
