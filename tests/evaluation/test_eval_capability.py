@@ -54,7 +54,8 @@ def test_left_padded_batch_matches_single_forward(tiny_model, tiny_tokenizer):
 
 @pytest.mark.parametrize("fmt", ["plain", "chat"])
 def test_mmlu_accuracy_matches_argmax_over_letters(tiny_model, tiny_tokenizer, fmt):
-    res = mmlu_accuracy(tiny_model, tiny_tokenizer, n=4, rows=FIXTURE, batch_size=3, fmt=fmt, progress=False)
+    res = mmlu_accuracy(tiny_model, tiny_tokenizer, n=4, rows=FIXTURE, batch_size=3, fmt=fmt, method="letters",
+                        progress=False)
     assert res["n"] == 4 and set(res["per_topic"]) == {r["topic"] for r in FIXTURE}
     letters = letter_token_ids(tiny_tokenizer)
     scores = []

@@ -192,7 +192,7 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: list[str], options: lis
 
 
 def mmlu_accuracy(model: Any, tokenizer: Any, *, n: int = 500, seed: int = 0, batch_size: int = 16,
-                  k_shot: int = 0, fmt: str = "plain", method: str = "letters", rows: list[dict] | None = None,
+                  k_shot: int = 0, fmt: str = "plain", method: str = "cloze", rows: list[dict] | None = None,
                   progress: bool = True) -> dict:
     """Accuracy on a topic-stratified MMLU subset (``rows`` overrides the packaged set, e.g. a fixture)."""
     import torch
