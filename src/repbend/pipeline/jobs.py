@@ -63,13 +63,27 @@ def _train_config_path(cfg: PipelineConfig, method: str) -> Path:
     return resolve_config(name)
 
 
+def _train_or_resume(tcfg) -> None:
+    """Resume from the last checkpoint if there is one; a run cut before its first checkpoint restarts."""
+    import shutil
+
+    from repbend.training import train
+    from repbend.training.checkpoint import checkpoints
+
+    run = Path(tcfg.output_dir)
+    has_ckpt = bool(checkpoints(run))
+    if not has_ckpt and run.is_dir():
+        shutil.rmtree(run)  # only steps before the first checkpoint are lost
+    train(tcfg, resume=has_ckpt)
+
+
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Build the list of stages (validating every config up front, before any model is loaded)."""
     from repbend.data.build import build_dataset
     from repbend.data.build_config import DataBuildConfig
     from repbend.evaluation.runner import EvalConfig, evaluate
     from repbend.evaluation.suites import load_suite
-    from repbend.training import TrainConfig, train
+    from repbend.training import TrainConfig
 
     out = Path(cfg.output_dir)
     data_dir = out / "data"
@@ -98,7 +112,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
             if tcfg.method.name != method:
                 raise RepbendError(f"{path} trains method {tcfg.method.name!r}, but it was chosen for {method!r}; "
                                    f"point --train-config at the right file.")
-            stages.append(Stage(f"train {method} seed {seed}", run, lambda t=tcfg: train(t, resume=True),
+            stages.append(Stage(f"train {method} seed {seed}", run, lambda t=tcfg: _train_or_resume(t),
                                 {"train": tcfg.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json")}))
             # the run folder holds the final adapter (LoRA) or the full weights (full fine-tuning)
             if tcfg.full_finetune:
