@@ -42,7 +42,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``3``, ``[1,2]``, ``null``)."""
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``3``, ``[1,2]``, ``null``).
+
+    A numeric part indexes a list that is already there: ``harmful.0.max_rows=50``.
+    """
     out = copy.deepcopy(data)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -52,14 +55,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        node = out
+        node: Any = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"Override {item!r}: {part!r} is a value, not a section.")
-            node = nxt
-        node[parts[-1]] = value
+        for i, part in enumerate(parts):
+            last, where = i == len(parts) - 1, ".".join(parts[:i]) or "<root>"
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"Override {item!r}: {where} is a list of {len(node)}; index it with 0.."
+                                      f"{len(node) - 1}.")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r}: {where} is a value, not a section.")
+            if last:
+                node[part] = value
+            else:
+                node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     return out
 
 

@@ -91,46 +91,11 @@ class DataBuildConfig(Section):
         return v
 
 
-def apply_overrides_with_lists(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """``a.b=value`` overrides where a numeric part indexes a list: ``harmful.0.max_rows=50``."""
-    import copy
-
-    import yaml
-
-    from repbend.errors import ConfigError
-
-    out = copy.deepcopy(data)
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"Override {item!r} must look like section.field=value (e.g. harmful.0.max_rows=50).")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        node: Any = out
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts):
-            last, where = i == len(parts) - 1, ".".join(parts[:i]) or "<root>"
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"Override {item!r}: {where} is a list of {len(node)}; index it with 0.."
-                                      f"{len(node) - 1}.")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise ConfigError(f"Override {item!r}: {where} is a value, not a section.")
-            if last:
-                node[part] = value
-            else:
-                node = node[part] if isinstance(node, list) else node.setdefault(part, {})
-    return out
-
-
 def load_build_config(path: str | None = None, overrides: list[str] | None = None) -> DataBuildConfig:
     """Defaults, then the YAML file's top-level keys, then overrides; every error reported at once."""
-    from repbend.config import load_config, read_yaml
+    from repbend.config import apply_overrides, load_config, read_yaml
 
     data = DataBuildConfig().model_dump(mode="json")
     if path:
         data.update(read_yaml(path))
-    return load_config(DataBuildConfig, data=apply_overrides_with_lists(data, overrides))
+    return load_config(DataBuildConfig, data=apply_overrides(data, overrides))

@@ -80,14 +80,14 @@ def _train_or_resume(tcfg) -> None:
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Build the list of stages (validating every config up front, before any model is loaded)."""
     from repbend.data.build import build_dataset
-    from repbend.data.build_config import DataBuildConfig
+    from repbend.data.build_config import load_build_config
     from repbend.evaluation.runner import EvalConfig, evaluate
     from repbend.evaluation.suites import load_suite
     from repbend.training import TrainConfig
 
     out = Path(cfg.output_dir)
     data_dir = out / "data"
-    data_cfg = load_config(DataBuildConfig, resolve_config(cfg.data_config), [f"model={cfg.model}"])
+    data_cfg = load_build_config(str(resolve_config(cfg.data_config)), [f"model={cfg.model}"])
     suite = load_suite(cfg.suite, list(cfg.suite_overrides))
     suite_fp = suite.model_dump(mode="json")
 

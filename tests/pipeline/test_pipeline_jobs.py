@@ -1,0 +1,91 @@
+"""Pipeline: stage skipping/re-running, plan validation, mean ± std summary over seeds."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from repbend.config import load_config
+from repbend.errors import ConfigError, RepbendError
+from repbend.pipeline.jobs import PipelineConfig, plan
+from repbend.pipeline.stages import Stage, run_stages
+from repbend.pipeline.summary import summarise
+
+
+def test_finished_stage_is_skipped_and_changed_stage_reruns(tmp_path):
+    calls = []
+    st = Stage("s", tmp_path / "s", lambda: calls.append(1), {"x": 1})
+    run_stages([st])
+    run_stages([st])
+    assert calls == [1]
+    run_stages([Stage("s", tmp_path / "s", lambda: calls.append(2), {"x": 2})])
+    assert calls == [1, 2]
+
+
+def test_failed_stage_is_not_marked_done(tmp_path):
+    def boom():
+        raise RuntimeError("interrupted")
+
+    st = Stage("s", tmp_path / "s", boom, {})
+    with pytest.raises(RuntimeError):
+        run_stages([st])
+    assert not st.done()
+
+
+def _results(asr_direct, asr_prefill, compliance, mmlu):
+    return {"asr": {"direct": {"harmbench": {"n": 4, "asr": asr_direct, "gibberish": 0.0, "refusal": 0.5}},
+                    "prefill": {"harmbench": {"n": 4, "asr": asr_prefill, "gibberish": 0.25, "refusal": 0.0}}},
+            "average_asr": (asr_direct + asr_prefill) / 2, "over_refusal": {"n": 8, "compliance": compliance},
+            "capability": {"mmlu": mmlu, "benign_kl": 0.1}, "judge": {"name": "default"}, "meta": {}}
+
+
+def test_summary_mean_std_over_seeds(tmp_path):
+    runs = {}
+    for name, res in {"orig": _results(1.0, 1.0, 1.0, 0.3), "rb0": _results(0.0, 0.5, 0.9, 0.3),
+                      "rb1": _results(0.5, 0.5, 0.7, 0.2)}.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(res))
+        runs[name] = d
+    out = summarise({"original": [runs["orig"]], "repbend": [runs["rb0"], runs["rb1"]]}, tmp_path / "report")
+    rb = out["runs"]["repbend"]
+    assert rb["mean"]["asr/direct"] == pytest.approx(0.25) and rb["std"]["asr/direct"] == pytest.approx(0.25)
+    assert rb["mean"]["average_asr"] == pytest.approx(0.375)
+    assert rb["mean"]["over_refusal/compliance"] == pytest.approx(0.8)
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "| direct | 100.0 | 25.0 ± 25.0 |" in md and "judge `default`" in md
+    assert (tmp_path / "report" / "asr_by_attack.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "asr_vs_capability.png").is_file()
+
+
+def test_summary_needs_results(tmp_path):
+    with pytest.raises(RepbendError, match="has no results.json"):
+        summarise({"x": [tmp_path]}, tmp_path / "r")
+
+
+def test_pipeline_config_errors_name_fields():
+    with pytest.raises(ConfigError) as e:
+        load_config(PipelineConfig, data={"output_dir": "x", "methods": ["repbnd"], "seeds": [1, 1]})
+    assert "Did you mean 'repbend'" in str(e.value) and "seeds" in str(e.value)
+
+
+def test_plan_builds_every_stage_without_loading_models(tmp_path):
+    cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "methods": ["repbend", "npo"],
+                                            "seeds": [0, 1]})
+    names = [s.name for s in plan(cfg)]
+    assert names[:2] == ["build data", "evaluate eval-original"]
+    assert "train npo seed 1" in names and "evaluate eval-npo-s1" in names and len(names) == 2 + 2 * 2 * 2
+
+
+def test_plan_rejects_train_config_of_another_method(tmp_path):
+    from repbend.paths import CONFIG_DIR
+
+    wrong = tmp_path / "t.yaml"
+    wrong.write_text((CONFIG_DIR / "train-default-npo.yaml").read_text())
+    cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "methods": ["repbend"],
+                                            "train_config": str(wrong)})
+    with pytest.raises(RepbendError, match="trains method 'npo'"):
+        plan(cfg)
+    missing = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_config": str(tmp_path / "no.yaml")})
+    with pytest.raises(RepbendError, match="does not exist"):
+        plan(missing)
