@@ -50,15 +50,21 @@ def append_jsonl(path: str | Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | Path, *, tolerate_truncated_tail: bool = False) -> list[dict]:
-    """Read a JSONL file. With ``tolerate_truncated_tail`` a half-written last line (crash) is dropped."""
+def read_jsonl_numbered(path: str | Path, *, label: str = "", tolerate_truncated_tail: bool = False,
+                        fix: str = "re-save it as UTF-8") -> list[tuple[int, dict]]:
+    """``(line number, object)`` for each JSONL line, with one-line errors naming the file and line.
+
+    ``label`` prefixes the file in messages (``"AdvBench file x.jsonl line 3 ..."``). With
+    ``tolerate_truncated_tail`` a half-written last line (a crash mid-append) is dropped.
+    """
     p = Path(path)
+    where = f"{label} file {p}" if label else str(p)
     if not p.is_file():
-        raise RepbendError(f"File {p} does not exist.")
+        raise RepbendError(f"{where} does not exist.")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise RepbendError(f"File {p} is not UTF-8 text (byte {e.start}); re-save it as UTF-8.") from None
+        raise RepbendError(f"{where} is not UTF-8 text (byte {e.start}); {fix}.") from None
     rows = []
     lines = text.splitlines()
     for i, line in enumerate(lines, 1):
@@ -69,11 +75,16 @@ def read_jsonl(path: str | Path, *, tolerate_truncated_tail: bool = False) -> li
         except json.JSONDecodeError:
             if tolerate_truncated_tail and i == len(lines):
                 break
-            raise RepbendError(f"{p} line {i} is not valid JSON; fix or remove that line.") from None
+            raise RepbendError(f"{where} line {i} is not valid JSON; fix or remove that line.") from None
         if not isinstance(row, dict):
-            raise RepbendError(f"{p} line {i} must be a JSON object, not {type(row).__name__}.")
-        rows.append(row)
+            raise RepbendError(f"{where} line {i} must be a JSON object, not {type(row).__name__}.")
+        rows.append((i, row))
     return rows
+
+
+def read_jsonl(path: str | Path, *, tolerate_truncated_tail: bool = False) -> list[dict]:
+    """Read a JSONL file of objects (see :func:`read_jsonl_numbered`)."""
+    return [row for _, row in read_jsonl_numbered(path, tolerate_truncated_tail=tolerate_truncated_tail)]
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repbend.errors import RepbendError
-from repbend.io import sha256_file
+from repbend.io import read_jsonl_numbered, sha256_file
 
 FIELDS = ("id", "split", "kind", "messages", "response", "source", "pair_id")
 SPLITS = ("safe", "unsafe", "retain")
@@ -61,18 +61,8 @@ def check_row(row: object, where: str) -> None:
 def read_rows(path: Path, allow_empty: bool = False) -> list[dict]:
     if not path.is_file():
         raise RepbendError(f"{path} is missing; rebuild the dataset with repbend data build.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RepbendError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8 or rebuild.") from None
     rows, ids = [], set()
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise RepbendError(f"{path} line {i} is not valid JSON; fix or remove that line.") from None
+    for i, row in read_jsonl_numbered(path, fix="re-save it as UTF-8 or rebuild"):
         check_row(row, f"{path} line {i}")
         if row["id"] in ids:
             raise RepbendError(f"{path} line {i}: duplicate id {row['id']!r}.")

@@ -33,7 +33,7 @@ from pydantic import Field
 from repbend.cache import package_file
 from repbend.config import Section
 from repbend.errors import RepbendError
-from repbend.io import sha256_file
+from repbend.io import read_jsonl_numbered, sha256_file
 from repbend.registry import Registry
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -88,23 +88,9 @@ def read_csv(path: Path, required: list[str], what: str) -> list[dict]:
     return rows
 
 
-def read_jsonl_rows(path: Path, what: str) -> list[dict]:
-    """Read JSONL objects with one-line errors naming file and line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RepbendError(f"{what} file {path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8.") from None
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise RepbendError(f"{what} file {path} line {i} is not valid JSON; fix or remove that line.") from None
-        if not isinstance(row, dict):
-            raise RepbendError(f"{what} file {path} line {i} must be a JSON object, not {type(row).__name__}.")
-        rows.append((i, row))
+def read_jsonl_rows(path: Path, what: str) -> list[tuple[int, dict]]:
+    """``(line, object)`` pairs of a JSONL file, with one-line errors naming file and line; empty is an error."""
+    rows = read_jsonl_numbered(path, label=what)
     if not rows:
         raise RepbendError(f"{what} file {path} has no rows; pass a file with data.")
     return rows
