@@ -19,7 +19,6 @@ Steps (docs/DATA.md):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time

@@ -24,7 +24,6 @@ and hub data sets are the ``file`` and ``hf`` sources (``repbend.data.user_sourc
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 

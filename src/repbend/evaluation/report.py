@@ -17,7 +17,7 @@ from statistics import mean
 from typing import Any
 
 from repbend.errors import RepbendError
-from repbend.io import atomic_write_json, atomic_write_text
+from repbend.io import atomic_write_text
 
 
 def _pct(x: Any) -> str:
