@@ -71,9 +71,7 @@ class EmbeddingConfig(Section):
 
     def resolved(self) -> dict[str, Any]:
         """Preset values with every explicitly set field applied on top."""
-        out = dict(PRESETS[self.preset])
-        out.update({k: v for k, v in self.model_dump().items() if v is not None and k != "preset"})
-        return out
+        return wb.resolve_preset(PRESETS, self)
 
 
 def _batch_for_loss(emb: torch.nn.Module, slots: list[wb.PromptSlots], soft: torch.Tensor):

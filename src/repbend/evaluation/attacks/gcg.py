@@ -61,9 +61,8 @@ class GCGConfig(Section):
     seed: int = Field(0, description="Seed for candidate sampling.")
 
     def resolved(self) -> dict[str, Any]:
-        out = dict(PRESETS[self.preset])
-        out.update({k: v for k, v in self.model_dump().items() if v is not None and k != "preset"})
-        return out
+        """Preset values with every explicitly set field applied on top."""
+        return wb.resolve_preset(PRESETS, self)
 
 
 _ALLOWED: dict[tuple[int, int, bool], torch.Tensor] = {}

@@ -40,6 +40,13 @@ class Cost:
                 "backward_passes": self.backward // share if share > 1 else self.backward}
 
 
+def resolve_preset(presets: dict[str, dict[str, Any]], config: Any) -> dict[str, Any]:
+    """The config's preset values with every explicitly set (non-None) field applied on top."""
+    out = dict(presets[config.preset])
+    out.update({k: v for k, v in config.model_dump().items() if v is not None and k != "preset"})
+    return out
+
+
 def check_positive(attack: str, **budgets: float | int | None) -> None:
     """Raise if any budget (steps, candidates, samples, seconds, ...) is zero or negative."""
     for name, value in budgets.items():
