@@ -194,3 +194,24 @@ def test_divergence_guard():
     pol["unsafe"].hidden[1] = pol["unsafe"].hidden[1] * 50
     with pytest.raises(DivergenceError, match="max_unsafe_ratio"):
         m(batch, pol, ref, 0.0)
+
+
+def test_unsafe_margin_caps_each_token_distance():
+    # one layer, two unsafe tokens: reference (3, 4) (norm 5) and (0, 1) (norm 1); policy moved by 10 and 0.5
+    cfg = RepBendConfig(alpha=0, beta=1, gamma=0, epsilon=0, target_layers=[1], token_mode="request_all",
+                        unsafe_margin=1.0, max_unsafe_ratio=None)
+    m = RepBend(cfg, num_layers=1, hidden_size=2)
+    two = collate([Encoded([5, 6], 2, 0)], pad_id=0)
+    ref = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])
+    pol = (ref + torch.tensor([[[6.0, 8.0], [0.3, 0.4]]])).requires_grad_(True)
+    loss, parts = m({"unsafe": two}, {"unsafe": States(hidden={1: pol})}, {"unsafe": States(hidden={1: ref})}, 0.0)
+    # token 1: min(10, 1 * 5) = 5; token 2: min(0.5, 1 * 1) = 0.5 -> mean 2.75, entering with a minus sign
+    assert parts["loss/unsafe"] == pytest.approx(2.75)
+    assert float(loss) == pytest.approx(-2.75)
+    loss.backward()
+    assert pol.grad[0, 0].abs().sum() == 0          # capped token: no push any more
+    assert pol.grad[0, 1].abs().sum() > 0           # below the cap: still pushed away
+    uncapped = RepBend(cfg.model_copy(update={"unsafe_margin": None}), num_layers=1, hidden_size=2)
+    _, parts = uncapped({"unsafe": two}, {"unsafe": States(hidden={1: pol.detach()})},
+                        {"unsafe": States(hidden={1: ref})}, 0.0)
+    assert parts["loss/unsafe"] == pytest.approx(5.25)

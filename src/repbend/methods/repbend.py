@@ -10,7 +10,10 @@ final norm, see :mod:`repbend.methods.base`):
   ``S`` = every hidden state 0..L (``safe_layers: all``) or the target layers (``target``) and
   ``M_safe`` = the token-mode mask AND the attention mask, pooled over ALL rows of the batch (a
   mean over (row, token) pairs, so longer rows weigh more; not a mean of per-row means).
-* ``L_unsafe``: the same on the unsafe rows, target layers only. It enters with a minus sign.
+* ``L_unsafe``: the same on the unsafe rows, target layers only. It enters with a minus sign. With
+  ``unsafe_margin = m`` (not in the paper; off by default) each token's distance is first capped at
+  ``m * ||h^R_l||_2``: once a token is bent that far it stops pushing, so the unbounded term cannot
+  run away and drag the safe behaviour with it.
 * ``L_cos = mean_{l in target} [ sum_{i != j} (1 - cos(h^P_l(u_i), h^P_l(u_j))) / (n (n - 1)) ]``
   at the last request token of each of the ``n`` unsafe rows (policy states only; needs n >= 2).
 * ``L_KL = T^2 * mean_{(b,t): attention_mask} sum_v p^R_v (log p^R_v - log p^P_v)`` with
@@ -64,6 +67,10 @@ class RepBendConfig(Section):
     target_window: int | None = Field(None, ge=1, description="Number of consecutive target layers from target_start.")
     kl_temperature: float = Field(2.0, gt=0, description="Softmax temperature T of L_KL (scaled by T^2).")
     pair_tokens: int = Field(20, ge=1, description="Response tokens compared by L_pair.")
+    unsafe_margin: float | None = Field(
+        None, gt=0, description="Cap each unsafe token's distance at this multiple of the reference state's norm "
+                                "before averaging (a hinge: tokens already bent that far stop pushing). null = the "
+                                "paper's unbounded L_unsafe.")
     max_unsafe_ratio: float | None = Field(
         100.0, gt=0, description="Stop (DivergenceError) when L_unsafe exceeds this multiple of the reference "
                                  "states' mean norm; null disables the guard.")
@@ -116,10 +123,17 @@ def token_mask(batch: SeqBatch, mode: str, k: int) -> Tensor:
     return m.bool() & attn
 
 
-def mean_l2(policy: States, reference: States, layers: list[int], mask: Tensor) -> Tensor:
-    """Mean over (layer, selected token) of ||policy - reference||_2."""
-    return torch.stack([(policy.hidden[l][mask].float() - reference.hidden[l][mask].float()).norm(dim=-1).mean()
-                        for l in layers]).mean()
+def mean_l2(policy: States, reference: States, layers: list[int], mask: Tensor, cap: float | None = None) -> Tensor:
+    """Mean over (layer, selected token) of ||policy - reference||_2, each distance capped at
+    ``cap * ||reference||_2`` of that token when ``cap`` is set."""
+    per_layer = []
+    for l in layers:
+        ref = reference.hidden[l][mask].float()
+        d = (policy.hidden[l][mask].float() - ref).norm(dim=-1)
+        if cap is not None:
+            d = torch.minimum(d, cap * ref.norm(dim=-1))
+        per_layer.append(d.mean())
+    return torch.stack(per_layer).mean()
 
 
 def mean_offdiag_one_minus_cos(x: Tensor) -> Tensor:
@@ -204,7 +218,7 @@ class RepBend(Method):
             parts["loss/safe"] = l_safe.item()
         if c.beta > 0:
             m = token_mask(batch["unsafe"], c.token_mode, c.k)
-            l_unsafe = mean_l2(policy["unsafe"], reference["unsafe"], self.target, m)
+            l_unsafe = mean_l2(policy["unsafe"], reference["unsafe"], self.target, m, cap=c.unsafe_margin)
             loss = loss - c.beta * l_unsafe
             parts["loss/unsafe"] = l_unsafe.item()
             self._guard(l_unsafe, reference["unsafe"], m)

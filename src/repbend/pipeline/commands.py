@@ -64,3 +64,33 @@ def register(app: typer.Typer) -> None:
         cfg = _load(config, output_dir, ov, methods=f"[{methods}]", suite=suite,
                     seeds=f"[{seeds}]" if seeds else None)
         _finish(run_pipeline(cfg), cfg.output_dir)
+
+    @app.command("tune")
+    def tune(
+        sweep: str = typer.Argument("tune-default", help="Sweep YAML (name under configs/ or a path)."),
+        output_dir: str = typer.Option("runs/tune", "--output-dir", "-o", help="Folder for the trials and the ranking."),
+        workers: int = typer.Option(1, "--workers", "-w", min=1, help="Trials run in parallel (useful on a GPU)."),
+        device: Optional[str] = typer.Option(None, "--device", help="Device for evaluation (default: cuda if available)."),
+        time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds after which no new trial starts."),
+        rejudge: Optional[str] = typer.Option(None, "--rejudge", help="Only re-score the saved completions with this judge "
+                                                                      "(e.g. default), then rank."),
+        report_only: bool = typer.Option(False, "--report-only", help="Only rank the finished trials and write the report."),
+        only: Optional[str] = typer.Option(None, "--only", help="Comma-separated trial names to run (others are left)."),
+    ) -> None:
+        """Hyper-parameter search on validation data (HarmBench validation behaviours, the training half of the
+        over-refusal set): train each trial, evaluate it with the tuning suite, rank, and write
+        tuning.md / tuning.json / tuning.png. Finished trials are skipped on a re-run."""
+        from pathlib import Path
+
+        from repbend.pipeline import tune as t
+
+        out = Path(output_dir)
+        if rejudge:
+            t.rejudge(out, {"name": rejudge})
+        elif not report_only:
+            t.run_sweep(t.load_sweep(sweep), out, workers=workers, device=device, time_budget_s=time_budget,
+                        only=only.split(",") if only else None)
+        res = t.report(out)
+        chosen = res["chosen"]
+        typer.echo((out / "tuning.md").read_text())
+        typer.echo(f"chosen: {chosen['name']} {chosen['overrides']}" if chosen else "no trial meets the limits")
