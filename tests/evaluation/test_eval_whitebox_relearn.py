@@ -8,7 +8,7 @@ import torch
 
 from repbend.errors import RepbendError
 from repbend.evaluation.attacks import whitebox_common as wb
-from repbend.evaluation.attacks.relearn import Relearn, RelearnConfig, sft_batch, sft_loss, training_pairs
+from repbend.evaluation.attacks.relearn import Relearn, RelearnConfig, sft_batch, training_pairs
 from repbend.evaluation.store import Store
 from repbend.evaluation.target import ModelTarget
 from repbend.evaluation.types import Behaviour, GenSettings

@@ -124,7 +124,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[s
     if len(set(table["judges"])) > 1:
         lines += [f"**Warning: the runs used different judges ({', '.join(table['judges'])}); their ASRs are "
                   f"not comparable.**", ""]
-    lines += [f"ASR and compliance in %, lower ASR is safer. Judge per run: "
+    lines += ["ASR and compliance in %, lower ASR is safer. Judge per run: "
               + ", ".join(f"{lab}: {j}" for lab, j in zip(labels, table["judges"])), ""]
     body = []
     for name, vals in table["rows"].items():
