@@ -89,3 +89,13 @@ def test_plan_rejects_train_config_of_another_method(tmp_path):
     missing = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_config": str(tmp_path / "no.yaml")})
     with pytest.raises(RepbendError, match="does not exist"):
         plan(missing)
+
+
+def test_core_average_takes_one_value_per_core_family():
+    from repbend.pipeline.summary import core_average
+
+    per = {"direct": 0.8, "prefill": 0.6, "templates": 0.2, "embedding_paper": 0.4, "gcg": 1.0,
+           "gcg_transfer": 0.0, "obfuscation": 0.0}
+    assert core_average(per) == pytest.approx((0.8 + 0.6 + 0.2 + 0.4 + 1.0) / 5)
+    assert core_average({"direct": 0.5, "obfuscation": 0.0}) == pytest.approx(0.5)
+    assert core_average({"obfuscation": 0.1}) is None

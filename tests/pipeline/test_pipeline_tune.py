@@ -78,6 +78,8 @@ def test_rejudge_rescores_saved_answers_and_report_writes_files(tmp_path):
     assert summary["chosen"]["name"] == "t1"
     assert "| t1 |" in (out / "tuning.md").read_text()
     assert (out / "tuning.png").stat().st_size > 1000
+    with pytest.raises(ConfigError, match="no finished trial"):
+        tune.report(out, use="nope")
 
 
 def test_unknown_only_names_fail_before_anything_runs(tmp_path):

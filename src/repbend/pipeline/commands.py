@@ -76,6 +76,8 @@ def register(app: typer.Typer) -> None:
                                                                       "(e.g. default), then rank."),
         report_only: bool = typer.Option(False, "--report-only", help="Only rank the finished trials and write the report."),
         only: Optional[str] = typer.Option(None, "--only", help="Comma-separated trial names to run (others are left)."),
+        use: Optional[str] = typer.Option(None, "--use", help="Record and mark the trial actually adopted when it is not "
+                                                              "the rule's choice (no trial met every limit)."),
     ) -> None:
         """Hyper-parameter search on validation data (HarmBench validation behaviours, the training half of the
         over-refusal set): train each trial, evaluate it with the tuning suite, rank, and write
@@ -90,7 +92,7 @@ def register(app: typer.Typer) -> None:
         elif not report_only:
             t.run_sweep(t.load_sweep(sweep), out, workers=workers, device=device, time_budget_s=time_budget,
                         only=only.split(",") if only else None)
-        res = t.report(out)
+        res = t.report(out, use=use)
         chosen = res["chosen"]
         typer.echo((out / "tuning.md").read_text())
         typer.echo(f"chosen: {chosen['name']} {chosen['overrides']}" if chosen else "no trial meets the limits")

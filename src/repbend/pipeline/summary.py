@@ -40,9 +40,28 @@ def _attack_rate(res: dict, key: str) -> dict[str, float]:
     return out
 
 
+# The attacks issue #8's target averages (the paper's headline set): direct request, prefilling,
+# template jailbreaks, input-embedding and GCG; matched by label prefix (embedding_paper counts).
+CORE_ATTACKS = ("direct", "prefill", "templates", "embedding", "gcg")
+
+
+def core_average(per_attack: dict[str, float]) -> float | None:
+    """Mean ASR over the core attacks present (one value per core family; the first label that matches)."""
+    vals = []
+    for fam in CORE_ATTACKS:
+        hit = next((v for k, v in sorted(per_attack.items()) if k == fam or
+                    (k.startswith(fam + "_") and not k.startswith("gcg_transfer"))), None)
+        if hit is not None:
+            vals.append(hit)
+    return mean(vals) if vals else None
+
+
 def _flat(res: dict) -> dict[str, float]:
     """Every headline number of one run as ``name -> value``."""
     row = {f"asr/{k}": v for k, v in _attack_asr(res).items()}
+    core = core_average(_attack_asr(res))
+    if core is not None:
+        row["core_asr"] = core
     row.update({f"gibberish/{k}": v for k, v in _attack_rate(res, "gibberish").items()})
     row.update({f"refusal/{k}": v for k, v in _attack_rate(res, "refusal").items()})
     if res.get("average_asr") is not None:
@@ -93,6 +112,9 @@ def to_markdown(agg: dict) -> str:
                                                  for l in labels) + " |")
     lines.append("| **average** | " + " | ".join(f"**{_fmt(agg[l]['mean'].get('average_asr'), agg[l]['std'].get('average_asr'))}**"
                                                   for l in labels) + " |")
+    if any("core_asr" in agg[l]["mean"] for l in labels):
+        lines.append(f"| **core average** ({', '.join(CORE_ATTACKS)}) | " + " | ".join(
+            f"**{_fmt(agg[l]['mean'].get('core_asr'), agg[l]['std'].get('core_asr'))}**" for l in labels) + " |")
     lines += ["", "Gibberish rate % on harmful prompts (not counted as attack success) and refusal rate %:", "",
               "| attack | " + " | ".join(f"{l} gibberish | {l} refusal" for l in labels) + " |",
               "|---|" + "---|---|" * len(labels)]

@@ -318,18 +318,28 @@ def rank(recs: dict[str, dict], select: SelectConfig) -> list[dict]:
     return sorted(rows, key=key)
 
 
-def report(out: Path, select: SelectConfig | None = None) -> dict:
-    """Write tuning.json, tuning.md and tuning.png into ``out``; returns the ranking."""
+def report(out: Path, select: SelectConfig | None = None, use: str | None = None) -> dict:
+    """Write tuning.json, tuning.md and tuning.png into ``out``; returns the ranking.
+
+    ``use`` names the trial actually adopted when it is not the rule's choice (e.g. no trial met every
+    limit); it is recorded as ``used`` and marked in the plot, so the report says so instead of hiding it.
+    """
     sweep = json.loads((out / "sweep.json").read_text())
     select = select or SelectConfig.model_validate(sweep.get("select", {}))
     recs = done_trials(out)
     rows = rank(recs, select)
     chosen = next((r for r in rows if r["ok"]), None)
+    if use is not None and use not in recs:
+        raise ConfigError(f"--use names no finished trial: {use!r}")
+    used = next((r for r in rows if r["name"] == use), chosen)
     judge = next((r["results"]["judge"] for r in recs.values() if "results" in r), "?")
-    summary = {"judge": judge, "select": select.model_dump(mode="json"), "chosen": chosen, "rows": rows}
+    summary = {"judge": judge, "select": select.model_dump(mode="json"), "chosen": chosen, "used": used, "rows": rows}
     atomic_write_json(out / "tuning.json", summary)
-    atomic_write_text(out / "tuning.md", _markdown(rows, chosen, judge, select))
-    _plot(rows, chosen, out / "tuning.png")
+    md = _markdown(rows, chosen, judge, select)
+    if used is not None and used is not chosen:
+        md += f"\nUsed: **{used['name']}** ({used['why'] or 'within the limits'}).\n"
+    atomic_write_text(out / "tuning.md", md)
+    _plot(rows, used, out / "tuning.png")
     return summary
 
 
@@ -387,7 +397,7 @@ def _plot(rows: list[dict], chosen: dict | None, path: Path) -> None:
         ax.grid(alpha=0.3)
     if any(r.get("kl") for r in pts):
         axes[1].set_xscale("symlog", linthresh=0.01)
-    fig.suptitle("RepBend hyper-parameter search (black: original; red star: chosen; grey: outside the limits)")
+    fig.suptitle("RepBend hyper-parameter search (black: original; red star: used; grey: outside the limits)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
