@@ -69,6 +69,10 @@ def _flat(res: dict) -> dict[str, float]:
     comp = (res.get("over_refusal") or {}).get("compliance")
     if comp is not None:
         row["over_refusal/compliance"] = comp
+    held_out = ((res.get("over_refusal") or {}).get("sets") or {}).get("overrefusal") or {}
+    for k in ("refusal", "gibberish"):      # present since the default-judge measure (session 2)
+        if held_out.get(k) is not None:
+            row[f"over_refusal/{k}"] = held_out[k]
     for k, v in (res.get("capability") or {}).items():
         if isinstance(v, (int, float)):
             row[f"capability/{k}"] = float(v)
