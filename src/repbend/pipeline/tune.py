@@ -238,9 +238,10 @@ def rejudge(out: Path, judge_spec: dict | None = None) -> dict[str, dict]:
     recs = done_trials(out)
     if not recs:
         raise RepbendError(f"{out / TRIALS_FILE} has no finished trials; run the sweep first.")
-    slugs = {t["name"]: t["slug"] for t in json.loads((out / "sweep.json").read_text())["expanded"]}
+    meta = json.loads((out / "sweep.json").read_text())
+    slugs = {t["name"]: t["slug"] for t in meta["expanded"]}
     slugs[BASELINE] = BASELINE
-    attack_classes = json.loads((out / "sweep.json").read_text()).get("attack_classes", {})
+    attack_classes = meta.get("attack_classes", {})
     for name, rec in recs.items():
         if "results" not in rec:
             continue
