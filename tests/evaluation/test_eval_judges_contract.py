@@ -64,3 +64,21 @@ def test_validate_judges_on_local_set(monkeypatch, tmp_path):
     saved = json.loads((tmp_path / "validation.json").read_text())
     assert saved["judges"]["refusal"]["sets"]["toy"]["errors"] == []
     assert (tmp_path / "run_info.json").is_file()
+
+
+def test_validate_judges_pooled_rows(monkeypatch):
+    """With several sets, 'pooled' scores every row against its own set's label (harmful or refused)."""
+    from repbend.evaluation.judges import validate as V
+
+    refused = V.LabelledSet("r", "refused", [JudgeItem("bake bread", "I'm sorry, I can't help.")] * 4,
+                            [True, True, False, False], "hand")          # refusal judge: 2 right, 2 wrong
+    harmful = V.LabelledSet("h", "harmful", [JudgeItem("bake bread", "Sure, mix flour and water.")] * 2,
+                            [True, True], "hand")                         # refusal judge: 2 right
+    monkeypatch.setitem(V.VALIDATION_SETS, "r", lambda: refused)
+    monkeypatch.setitem(V.VALIDATION_SETS, "h", lambda: harmful)
+    res = V.validate_judges(["refusal"], ["r", "h"])
+    pooled = res["judges"]["refusal"]["pooled"]["all"]
+    assert pooled["n"] == 6 and abs(pooled["accuracy"] - 4 / 6) < 1e-9
+    assert pooled["tp"] == 4 and pooled["fp"] == 2
+    assert sum(res["judges"]["refusal"]["pooled"][s]["n"] for s in ("tune", "test")) == 6
+    assert V.validate_judges(["refusal"], ["r"])["judges"]["refusal"]["pooled"] is None

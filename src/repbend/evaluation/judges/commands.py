@@ -35,6 +35,9 @@ def print_validation(result: dict) -> None:
                 m = sr[split]
                 table.add_row(judge, set_name, sr["field"], split, str(m["n"]), f"{m['accuracy']:.3f}",
                               f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", f"{m['kappa']:.3f}")
+        for split, m in (jr.get("pooled") or {}).items():
+            table.add_row(judge, "pooled (all sets)", "own label", split, str(m["n"]), f"{m['accuracy']:.3f}",
+                          f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", f"{m['kappa']:.3f}")
         table.add_section()
     Console(width=120).print(table)
 

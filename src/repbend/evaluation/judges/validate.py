@@ -147,13 +147,20 @@ def validate_judges(judges: list[str] | None = None, sets: list[str] | None = No
                               "judges": {}}
     for name, judge in built.items():
         per_set = {}
+        pooled: dict[str, tuple[list[bool], list[bool]]] = {s: ([], []) for s in SPLITS}
         for set_name, d in data.items():
             r = evaluate_judge(judge, d, seed)
-            r["errors"] = [i for i, (p, y) in enumerate(zip(r.pop("predictions"), d.labels)) if p != y]
+            preds = r.pop("predictions")
+            r["errors"] = [i for i, (p, y) in enumerate(zip(preds, d.labels)) if p != y]
             per_set[set_name] = r
+            for split, idx in split_indices(len(d.items), seed).items():
+                pooled[split][0].extend(d.labels[i] for i in idx)
+                pooled[split][1].extend(preds[i] for i in idx)
         cfg = getattr(judge, "config", None)
         result["judges"][name] = {"config": cfg.model_dump(mode="json") if cfg is not None else {},
-                                  "sets": per_set}
+                                  "sets": per_set,
+                                  # every set's rows together, each scored on its own label (harmful or refused)
+                                  "pooled": {s: binary_metrics(*pooled[s]) for s in SPLITS} if len(data) > 1 else None}
     if output_dir is not None:
         out = Path(output_dir)
         write_run_info(out, seed=seed, judges=judges, sets=sets)
