@@ -39,6 +39,26 @@ def test_optimisation_lowers_target_loss_and_batch_rows_are_independent(tiny_mod
     torch.testing.assert_close(both, best, atol=1e-4, rtol=1e-4)         # the returned soft tokens have best loss
 
 
+def test_target_losses_match_a_direct_unpadded_computation(tiny_model, tiny_tokenizer):
+    """Left padding + LM head on the target positions only == one plain forward per row, full logits."""
+    import torch.nn.functional as F
+
+    behaviours = BEHAVIOURS + [Behaviour("b2", "Hi", "t", target="Sure")]      # different prompt/target lengths
+    slots = [wb.prompt_slots(tiny_tokenizer, b.prompt, b.target) for b in behaviours]
+    emb = tiny_model.get_input_embeddings()
+    torch.manual_seed(0)
+    soft = torch.randn(len(slots), 5, emb.weight.shape[1]) * 0.02
+    with torch.no_grad():
+        batched = target_losses(tiny_model, emb, slots, soft)
+        for i, s in enumerate(slots):
+            ids = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+            row = torch.cat([emb(ids(s.before)), soft[i], emb(ids(s.after + s.target))]).unsqueeze(0)
+            logits = tiny_model(inputs_embeds=row).logits[0].float()
+            n_t = len(s.target)
+            direct = F.cross_entropy(logits[-n_t - 1:-1], ids(s.target))
+            torch.testing.assert_close(batched[i], direct, atol=1e-4, rtol=1e-4)
+
+
 def test_only_soft_tokens_change_and_grad_flags_restored(tiny_model, tiny_tokenizer, tmp_path):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     flags = [p.requires_grad for p in tiny_model.parameters()]

@@ -3,8 +3,9 @@
 ``k`` free vectors are inserted right after the request, inside the user turn (before the end-of-turn
 and the generation prompt). Only those vectors take gradients (every model parameter, PEFT adapters
 included, is frozen for the duration). The loss is the mean cross-entropy of the target tokens
-("Sure, here is ...") after the generation prompt. Several behaviours are optimised together (right
-padding; each row's loss is independent, so the rows do not interact). The answer is then generated
+("Sure, here is ...") after the generation prompt. Several behaviours are optimised together (left
+padding with explicit position ids; each row's loss is independent, so the rows do not interact; the LM
+head runs only on the positions that predict target tokens). The answer is then generated
 from the embeddings (left padding, ``model.generate(inputs_embeds=...)``).
 
 Presets (``preset``; any field set explicitly overrides the preset):
@@ -75,7 +76,9 @@ class EmbeddingConfig(Section):
 
 
 def _batch_for_loss(emb: torch.nn.Module, slots: list[wb.PromptSlots], soft: torch.Tensor):
-    """Right-padded inputs_embeds [before, soft, after, target], attention mask and labels (-100 elsewhere)."""
+    """LEFT-padded inputs_embeds [before, soft, after, target], attention mask, position ids and labels
+    (-100 elsewhere). Left padding puts every row's target at the end, so the LM head only has to run on
+    the last ``max target length + 1`` positions (see :func:`target_losses`)."""
     dev, k = soft.device, soft.shape[1]
     rows, labels = [], []
     for s, vecs in zip(slots, soft):
@@ -87,17 +90,28 @@ def _batch_for_loss(emb: torch.nn.Module, slots: list[wb.PromptSlots], soft: tor
     width = max(len(r) for r in rows)
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
     for i, r in enumerate(rows):
-        mask[i, :len(r)] = 1
-    embeds = torch.stack([F.pad(r, (0, 0, 0, width - len(r))) for r in rows])
-    lab = torch.stack([F.pad(x, (0, width - len(x)), value=-100) for x in labels])
-    return embeds, mask, lab
+        mask[i, width - len(r):] = 1
+    embeds = torch.stack([F.pad(r, (0, 0, width - len(r), 0)) for r in rows])
+    lab = torch.stack([F.pad(x, (width - len(x), 0), value=-100) for x in labels])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return embeds, mask, positions, lab
 
 
 def target_losses(model: Any, emb: torch.nn.Module, slots: list[wb.PromptSlots], soft: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each behaviour's target tokens given its soft embeddings (shape [batch])."""
-    embeds, mask, labels = _batch_for_loss(emb, slots, soft)
-    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
-    lab = labels[:, 1:]
+    """Mean cross-entropy of each behaviour's target tokens given its soft embeddings (shape [batch]).
+
+    Only the positions that predict target tokens go through the LM head (``logits_to_keep``): with a
+    49k vocabulary and ~100-token prompts that is most of the head's forward and backward cost saved.
+    """
+    embeds, mask, positions, labels = _batch_for_loss(emb, slots, soft)
+    keep = max(len(s.target) for s in slots) + 1
+    try:
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       logits_to_keep=keep).logits.float()
+    except TypeError:   # a model class without logits_to_keep: full logits, same result
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits.float()
+    logits = logits[:, -keep:][:, :-1]
+    lab = labels[:, -keep + 1:]
     ce = F.cross_entropy(logits.transpose(1, 2), lab, ignore_index=-100, reduction="none")
     return ce.sum(1) / (lab != -100).sum(1).clamp(min=1)
 
