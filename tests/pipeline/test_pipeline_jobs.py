@@ -36,7 +36,7 @@ def _results(asr_direct, asr_prefill, compliance, mmlu):
     return {"asr": {"direct": {"harmbench": {"n": 4, "asr": asr_direct, "gibberish": 0.0, "refusal": 0.5}},
                     "prefill": {"harmbench": {"n": 4, "asr": asr_prefill, "gibberish": 0.25, "refusal": 0.0}}},
             "average_asr": (asr_direct + asr_prefill) / 2, "over_refusal": {"n": 8, "compliance": compliance},
-            "capability": {"mmlu": mmlu, "benign_kl": 0.1}, "judge": {"name": "default"}, "meta": {}}
+            "capability": {"mmlu": mmlu, "benign_kl": 0.026}, "judge": {"name": "default"}, "meta": {}}
 
 
 def test_summary_mean_std_over_seeds(tmp_path):
@@ -54,8 +54,10 @@ def test_summary_mean_std_over_seeds(tmp_path):
     assert rb["mean"]["over_refusal/compliance"] == pytest.approx(0.8)
     md = (tmp_path / "report" / "summary.md").read_text()
     assert "| direct | 100.0 | 25.0 ± 25.0 |" in md and "judge `default`" in md
+    assert "| capability/benign_kl | 0.026 | 0.026 |" in md           # small KLs keep their digits
     assert (tmp_path / "report" / "asr_by_attack.png").stat().st_size > 1000
     assert (tmp_path / "report" / "asr_vs_capability.png").is_file()
+    assert (tmp_path / "report" / "asr_vs_overrefusal.png").is_file()
 
 
 def test_summary_needs_results(tmp_path):

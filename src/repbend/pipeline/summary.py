@@ -2,7 +2,8 @@
 
 Input: ``{label: [eval folder, ...]}`` (one folder per seed; the original model has one). Output in
 ``out_dir``: ``summary.json`` (every number, per seed and aggregated), ``summary.md`` (the tables),
-``asr_by_attack.png`` (grouped bars with std error bars) and ``asr_vs_capability.png`` (Pareto view).
+``asr_by_attack.png`` (grouped bars with std error bars), ``asr_vs_capability.png`` and
+``asr_vs_overrefusal.png`` (Pareto views).
 """
 from __future__ import annotations
 
@@ -96,11 +97,11 @@ def aggregate(runs: dict[str, list[Path]]) -> dict:
     return out
 
 
-def _fmt(m: float | None, s: float | None, pct: bool = True) -> str:
+def _fmt(m: float | None, s: float | None, pct: bool = True, digits: int = 1) -> str:
     if m is None:
         return "–"
     scale = 100 if pct else 1
-    return f"{m * scale:.1f} ± {s * scale:.1f}" if s else f"{m * scale:.1f}"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if s else f"{m * scale:.{digits}f}"
 
 
 def to_markdown(agg: dict) -> str:
@@ -134,7 +135,8 @@ def to_markdown(agg: dict) -> str:
                   "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for k in other:
             pct = not any(t in k for t in ("kl", "perplexity", "ppl", "seconds"))
-            lines.append(f"| {k} | " + " | ".join(_fmt(agg[l]["mean"].get(k), agg[l]["std"].get(k), pct)
+            digits = 3 if "kl" in k else (2 if not pct else 1)     # a benign KL of 0.026 must not print as 0.0
+            lines.append(f"| {k} | " + " | ".join(_fmt(agg[l]["mean"].get(k), agg[l]["std"].get(k), pct, digits)
                                                   for l in labels) + " |")
         lines += ["", "(capability values that are fractions are shown in %, KL/perplexity as they are)"]
     return "\n".join(lines) + "\n"
@@ -169,20 +171,25 @@ def plot(agg: dict, out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     cap_keys = sorted({k for a in agg.values() for k in a["mean"] if k.startswith("capability/mmlu")})
-    if cap_keys:
-        ck = cap_keys[0]
+    # Pareto views: ASR against capability (MMLU) and against over-refusal compliance (on a small model
+    # MMLU sits at chance, and the helpfulness cost of a defence shows in over-refusal instead)
+    views = ([(cap_keys[0], "Safety vs capability", "asr_vs_capability.png")] if cap_keys else []) + \
+        [("over_refusal/compliance", "Safety vs over-refusal", "asr_vs_overrefusal.png")]
+    for key, title, fname in views:
+        points = [lab for lab in labels if key in agg[lab]["mean"] and "average_asr" in agg[lab]["mean"]]
+        if not points:
+            continue
         fig, ax = plt.subplots(figsize=(5, 4))
-        for lab in labels:
+        for lab in points:
             mm, ss = agg[lab]["mean"], agg[lab]["std"]
-            if ck in mm and "average_asr" in mm:
-                ax.errorbar(100 * mm[ck], 100 * mm["average_asr"], xerr=100 * ss.get(ck, 0),
-                            yerr=100 * ss.get("average_asr", 0), fmt="o", capsize=3, label=lab)
-        ax.set_xlabel(f"{ck.split('/', 1)[1]} (%) — higher is better")
+            ax.errorbar(100 * mm[key], 100 * mm["average_asr"], xerr=100 * ss.get(key, 0),
+                        yerr=100 * ss.get("average_asr", 0), fmt="o", capsize=3, label=lab)
+        ax.set_xlabel(f"{key.split('/', 1)[1].replace('compliance', 'over-refusal compliance')} (%) — higher is better")
         ax.set_ylabel("average ASR (%) — lower is better")
-        ax.set_title("Safety vs capability")
+        ax.set_title(title)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        p = out_dir / "asr_vs_capability.png"
+        p = out_dir / fname
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(p)
