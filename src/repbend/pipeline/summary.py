@@ -59,8 +59,9 @@ def core_average(per_attack: dict[str, float]) -> float | None:
 
 def _flat(res: dict) -> dict[str, float]:
     """Every headline number of one run as ``name -> value``."""
-    row = {f"asr/{k}": v for k, v in _attack_asr(res).items()}
-    core = core_average(_attack_asr(res))
+    per_attack = _attack_asr(res)
+    row = {f"asr/{k}": v for k, v in per_attack.items()}
+    core = core_average(per_attack)
     if core is not None:
         row["core_asr"] = core
     row.update({f"gibberish/{k}": v for k, v in _attack_rate(res, "gibberish").items()})
@@ -173,9 +174,10 @@ def plot(agg: dict, out_dir: Path) -> list[Path]:
     cap_keys = sorted({k for a in agg.values() for k in a["mean"] if k.startswith("capability/mmlu")})
     # Pareto views: ASR against capability (MMLU) and against over-refusal compliance (on a small model
     # MMLU sits at chance, and the helpfulness cost of a defence shows in over-refusal instead)
-    views = ([(cap_keys[0], "Safety vs capability", "asr_vs_capability.png")] if cap_keys else []) + \
-        [("over_refusal/compliance", "Safety vs over-refusal", "asr_vs_overrefusal.png")]
-    for key, title, fname in views:
+    views = ([(cap_keys[0], cap_keys[0].split("/", 1)[1], "Safety vs capability", "asr_vs_capability.png")]
+             if cap_keys else [])
+    views.append(("over_refusal/compliance", "over-refusal compliance", "Safety vs over-refusal", "asr_vs_overrefusal.png"))
+    for key, xname, title, fname in views:
         points = [lab for lab in labels if key in agg[lab]["mean"] and "average_asr" in agg[lab]["mean"]]
         if not points:
             continue
@@ -184,7 +186,7 @@ def plot(agg: dict, out_dir: Path) -> list[Path]:
             mm, ss = agg[lab]["mean"], agg[lab]["std"]
             ax.errorbar(100 * mm[key], 100 * mm["average_asr"], xerr=100 * ss.get(key, 0),
                         yerr=100 * ss.get("average_asr", 0), fmt="o", capsize=3, label=lab)
-        ax.set_xlabel(f"{key.split('/', 1)[1].replace('compliance', 'over-refusal compliance')} (%) — higher is better")
+        ax.set_xlabel(f"{xname} (%) — higher is better")
         ax.set_ylabel("average ASR (%) — lower is better")
         ax.set_title(title)
         ax.legend(fontsize=8)

@@ -108,7 +108,9 @@ def target_losses(model: Any, emb: torch.nn.Module, slots: list[wb.PromptSlots],
     try:
         logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                        logits_to_keep=keep).logits.float()
-    except TypeError:   # a model class without logits_to_keep: full logits, same result
+    except TypeError as e:   # a model class without logits_to_keep: full logits, same result
+        if "logits_to_keep" not in str(e):
+            raise
         logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits.float()
     logits = logits[:, -keep:][:, :-1]
     lab = labels[:, -keep + 1:]
