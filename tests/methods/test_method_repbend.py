@@ -215,3 +215,35 @@ def test_unsafe_margin_caps_each_token_distance():
     _, parts = uncapped({"unsafe": two}, {"unsafe": States(hidden={1: pol.detach()})},
                         {"unsafe": States(hidden={1: ref})}, 0.0)
     assert parts["loss/unsafe"] == pytest.approx(5.25)
+
+
+def test_shared_prefix_mask_marks_tokens_a_safe_row_shares():
+    from repbend.methods.repbend import shared_prefix_mask
+
+    # template prefix [1, 2] is shared with every safe row; the second unsafe row also shares [1, 2, 7]
+    unsafe = collate([Encoded([1, 2, 5, 6], 3, 1), Encoded([1, 2, 7, 8, 9], 4, 1)], pad_id=0)
+    safe = collate([Encoded([1, 2, 7, 3], 3, 1), Encoded([9, 2, 5], 2, 1)], pad_id=0)
+    got = shared_prefix_mask(unsafe, [safe])
+    assert got.tolist() == [[True, True, False, False, False], [True, True, True, False, False]]
+    # padding never matches: a safe row that is a padded prefix of nothing shares nothing beyond its tokens
+    short = collate([Encoded([1], 1, 0)], pad_id=0)
+    assert shared_prefix_mask(unsafe, [short]).sum(dim=1).tolist() == [1, 1]
+
+
+def test_skip_shared_prefix_leaves_shared_tokens_out_of_l_unsafe():
+    # one layer; unsafe row [1, 2, 5] shares [1, 2] with the safe row: only token 3's distance counts
+    cfg = RepBendConfig(alpha=0, beta=1, gamma=0, epsilon=0, target_layers=[1], token_mode="request_all",
+                        unsafe_skip_shared_prefix=True, max_unsafe_ratio=None)
+    m = RepBend(cfg, num_layers=1, hidden_size=2)
+    unsafe = collate([Encoded([1, 2, 5], 3, 0)], pad_id=0)
+    safe = collate([Encoded([1, 2, 4], 2, 1)], pad_id=0)
+    ref = torch.zeros(1, 3, 2)
+    pol = torch.tensor([[[3.0, 4.0], [6.0, 8.0], [0.0, 1.0]]], requires_grad=True)
+    _, parts = m({"unsafe": unsafe, "safe": safe}, {"unsafe": States(hidden={1: pol})},
+                 {"unsafe": States(hidden={1: ref})}, 0.0)
+    assert parts["loss/unsafe"] == pytest.approx(1.0) and parts["unsafe_tokens"] == 1
+    # every token shared (a refusal row with the same request): fall back to all tokens, never an empty mean
+    same = collate([Encoded([1, 2, 5], 3, 0)], pad_id=0)
+    _, parts = m({"unsafe": unsafe, "safe": same}, {"unsafe": States(hidden={1: pol})},
+                 {"unsafe": States(hidden={1: ref})}, 0.0)
+    assert parts["loss/unsafe"] == pytest.approx((5 + 10 + 1) / 3)

@@ -13,7 +13,11 @@ final norm, see :mod:`repbend.methods.base`):
 * ``L_unsafe``: the same on the unsafe rows, target layers only. It enters with a minus sign. With
   ``unsafe_margin = m`` (not in the paper; off by default) each token's distance is first capped at
   ``m * ||h^R_l||_2``: once a token is bent that far it stops pushing, so the unbounded term cannot
-  run away and drag the safe behaviour with it.
+  run away and drag the safe behaviour with it. With ``unsafe_skip_shared_prefix`` (not in the paper;
+  off by default) an unsafe row's leading tokens that some safe or retain row of the same step shares
+  token for token (the chat template's system prompt and role header, or a whole request that also has
+  a paired refusal) are left out of ``M_unsafe``: a causal model gives them the same states in both
+  rows, so pushing one while ``L_safe`` pins the other is a contradiction, not a signal.
 * ``L_cos = mean_{l in target} [ sum_{i != j} (1 - cos(h^P_l(u_i), h^P_l(u_j))) / (n (n - 1)) ]``
   at the last request token of each of the ``n`` unsafe rows (policy states only; needs n >= 2).
 * ``L_KL = T^2 * mean_{(b,t): attention_mask} sum_v p^R_v (log p^R_v - log p^P_v)`` with
@@ -71,6 +75,10 @@ class RepBendConfig(Section):
         None, gt=0, description="Cap each unsafe token's distance at this multiple of the reference state's norm "
                                 "before averaging (a hinge: tokens already bent that far stop pushing). null = the "
                                 "paper's unbounded L_unsafe.")
+    unsafe_skip_shared_prefix: bool = Field(
+        False, description="Leave out of L_unsafe each unsafe row's leading tokens that a safe/retain row of the "
+                           "same step shares token for token (chat-template prefix): their states are the same "
+                           "in both rows. Only matters for token modes that include request tokens.")
     max_unsafe_ratio: float | None = Field(
         100.0, gt=0, description="Stop (DivergenceError) when L_unsafe exceeds this multiple of the reference "
                                  "states' mean norm; null disables the guard.")
@@ -121,6 +129,20 @@ def token_mask(batch: SeqBatch, mode: str, k: int) -> Tensor:
         m = torch.zeros_like(attn)
         m[torch.arange(batch.size, device=m.device), batch.last_request_index] = True
     return m.bool() & attn
+
+
+def shared_prefix_mask(rows: SeqBatch, others: list[SeqBatch]) -> Tensor:
+    """(B, T) bool mask of each row's leading tokens that some row of ``others`` has, token for token, at
+    the same positions (the longest common prefix with any other row; padding never matches)."""
+    ids, attn = rows.input_ids, rows.attention_mask.bool()
+    n, width = ids.shape
+    best = torch.zeros(n, dtype=torch.long, device=ids.device)
+    for o in others:
+        w = min(width, o.input_ids.shape[1])
+        same = (ids[:, None, :w] == o.input_ids[None, :, :w]) & attn[:, None, :w] & o.attention_mask.bool()[None, :, :w]
+        prefix = same.long().cumprod(dim=-1).sum(dim=-1)          # (B, B_other) common-prefix lengths
+        best = torch.maximum(best, prefix.max(dim=1).values)
+    return torch.arange(width, device=ids.device)[None, :] < best[:, None]
 
 
 def mean_l2(policy: States, reference: States, layers: list[int], mask: Tensor, cap: float | None = None) -> Tensor:
@@ -218,6 +240,11 @@ class RepBend(Method):
             parts["loss/safe"] = l_safe.item()
         if c.beta > 0:
             m = token_mask(batch["unsafe"], c.token_mode, c.k)
+            if c.unsafe_skip_shared_prefix:
+                others = [batch[s] for s in ("safe", "retain") if s in batch]
+                kept = m & ~shared_prefix_mask(batch["unsafe"], others)
+                m = kept if kept.any() else m   # never an empty mask (a mean over no tokens is NaN)
+                parts["unsafe_tokens"] = float(m.sum())
             l_unsafe = mean_l2(policy["unsafe"], reference["unsafe"], self.target, m, cap=c.unsafe_margin)
             loss = loss - c.beta * l_unsafe
             parts["loss/unsafe"] = l_unsafe.item()
