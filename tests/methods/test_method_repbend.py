@@ -247,3 +247,22 @@ def test_skip_shared_prefix_leaves_shared_tokens_out_of_l_unsafe():
     _, parts = m({"unsafe": unsafe, "safe": same}, {"unsafe": States(hidden={1: pol})},
                  {"unsafe": States(hidden={1: ref})}, 0.0)
     assert parts["loss/unsafe"] == pytest.approx((5 + 10 + 1) / 3)
+
+
+def test_safe_token_mode_overrides_the_tokens_of_l_safe_only():
+    # one layer; safe row: 2 request tokens moved by 5, 1 response token moved by 1
+    cfg = RepBendConfig(alpha=1, beta=0, gamma=0, epsilon=0, target_layers=[1], token_mode="request_response",
+                        safe_layers="target", max_unsafe_ratio=None)
+    safe = collate([Encoded([1, 2, 4], 2, 1)], pad_id=0)
+    ref = torch.zeros(1, 3, 2)
+    pol = torch.tensor([[[3.0, 4.0], [0.0, 5.0], [1.0, 0.0]]])
+    both = RepBend(cfg, num_layers=1, hidden_size=2)
+    _, parts = both({"safe": safe}, {"safe": States(hidden={1: pol})}, {"safe": States(hidden={1: ref})}, 0.0)
+    assert parts["loss/safe"] == pytest.approx(11 / 3)
+    resp = RepBend(cfg.model_copy(update={"safe_token_mode": "response_all"}), num_layers=1, hidden_size=2)
+    _, parts = resp({"safe": safe}, {"safe": States(hidden={1: pol})}, {"safe": States(hidden={1: ref})}, 0.0)
+    assert parts["loss/safe"] == pytest.approx(1.0)
+    # a safe row with no response under safe_token_mode response_all: a clear error naming the field
+    no_resp = collate([Encoded([1, 2], 2, 0)], pad_id=0)
+    with pytest.raises(RepbendError, match="safe_token_mode"):
+        resp.check_batch({"safe": no_resp})

@@ -8,7 +8,8 @@ final norm, see :mod:`repbend.methods.base`):
 
 * ``L_safe = mean_{l in S} mean_{(b,t) in M_safe} ||h^P_l - h^R_l||_2`` on the safe rows, where
   ``S`` = every hidden state 0..L (``safe_layers: all``) or the target layers (``target``) and
-  ``M_safe`` = the token-mode mask AND the attention mask, pooled over ALL rows of the batch (a
+  ``M_safe`` = the token-mode mask (``safe_token_mode`` when set, else ``token_mode``) AND the
+  attention mask, pooled over ALL rows of the batch (a
   mean over (row, token) pairs, so longer rows weigh more; not a mean of per-row means).
 * ``L_unsafe``: the same on the unsafe rows, target layers only. It enters with a minus sign. With
   ``unsafe_margin = m`` (not in the paper; off by default) each token's distance is first capped at
@@ -62,6 +63,10 @@ class RepBendConfig(Section):
     epsilon: float = Field(0.3, ge=0, description="Weight of L_KL (KL(reference||policy) on retain chat data).")
     eta: float = Field(0.0, ge=0, description="Weight of L_pair (policy on unsafe -> reference on its refusal); 0 = off.")
     token_mode: TokenMode = Field("response_all", description="Tokens whose distances count in L_safe/L_unsafe.")
+    safe_token_mode: TokenMode | None = Field(
+        None, description="Tokens of L_safe when they should differ from token_mode (null = token_mode). "
+                          "E.g. response_all with token_mode request_response: the safe set's refusal rows "
+                          "carry HARMFUL requests, whose tokens L_safe would otherwise pin.")
     k: int = Field(20, ge=1, description="Number of response tokens for token_mode response_first_k.")
     safe_layers: Literal["all", "target"] = Field("all", description="Hidden states of L_safe: all (0..L) or target.")
     target_layers: list[int] | None = Field(
@@ -192,6 +197,7 @@ class RepBend(Method):
         super().__init__(config, num_layers, hidden_size)
         self.target = resolve_target_layers(config, num_layers)
         self.safe = list(range(num_layers + 1)) if config.safe_layers == "all" else self.target
+        self.safe_mode = config.safe_token_mode or config.token_mode
 
     def needs(self) -> dict[str, Need]:
         c, t = self.config, tuple(self.target)
@@ -218,10 +224,11 @@ class RepBend(Method):
                                    f"(alpha/beta/gamma/epsilon/eta > 0); add {split} rows to the data or set that "
                                    f"weight to 0.")
         for split in ("safe", "unsafe"):
+            mode, field = (self.safe_mode, "safe_token_mode") if split == "safe" else (c.token_mode, "token_mode")
             if split in batch and (c.alpha if split == "safe" else c.beta) > 0 \
-                    and not token_mask(batch[split], c.token_mode, c.k).any():
-                raise RepbendError(f"token_mode {c.token_mode!r} selects no tokens in the {split!r} rows "
-                                   f"(e.g. rows without responses); pick another method.token_mode or fix the data.")
+                    and not token_mask(batch[split], mode, c.k).any():
+                raise RepbendError(f"{field} {mode!r} selects no tokens in the {split!r} rows "
+                                   f"(e.g. rows without responses); pick another method.{field} or fix the data.")
         if c.gamma > 0 and batch["unsafe"].size < 2:
             raise RepbendError("L_cos needs at least 2 unsafe rows per batch; raise the unsafe batch size or set gamma 0.")
         if c.eta > 0 and batch["pair"].size != batch["unsafe"].size:
@@ -234,7 +241,7 @@ class RepBend(Method):
         loss = torch.zeros((), device=batch[next(iter(batch))].input_ids.device)
         parts: dict[str, float] = {}
         if c.alpha > 0:
-            m = token_mask(batch["safe"], c.token_mode, c.k)
+            m = token_mask(batch["safe"], self.safe_mode, c.k)
             l_safe = mean_l2(policy["safe"], reference["safe"], self.safe, m)
             loss = loss + c.alpha * l_safe
             parts["loss/safe"] = l_safe.item()
