@@ -169,3 +169,19 @@ def test_every_registered_method_trains_without_trainer_changes(name, tiny_model
     run = train(cfg)
     rows = _metrics(run)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r["loss/total"]))) for r in rows)
+
+
+def test_default_model_token_options_train_end_to_end(tiny_model_dir, built_dir, tmp_path):
+    """The default-model config's token choices (request+response bent, safe responses pinned, shared
+    template prefix skipped) go through the real trainer and log how many unsafe tokens were bent."""
+    cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2)
+    cfg.method.params.update(token_mode="request_response", safe_token_mode="response_all",
+                             unsafe_skip_shared_prefix=True)
+    run = train(cfg)
+    rows = _metrics(run)
+    assert len(rows) == 2 and all(float(r["unsafe_tokens"]) > 0 for r in rows)
+    assert all(torch.isfinite(torch.tensor(float(r["loss/total"]))) for r in rows)
+    # off by default: without the option the count is not logged
+    full = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "full", max_steps=1)
+    full.method.params.update(token_mode="request_response", safe_token_mode="response_all")
+    assert "unsafe_tokens" not in _metrics(train(full))[0]
