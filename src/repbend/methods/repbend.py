@@ -9,8 +9,8 @@ final norm, see :mod:`repbend.methods.base`):
 * ``L_safe = mean_{l in S} mean_{(b,t) in M_safe} ||h^P_l - h^R_l||_2`` on the safe rows, where
   ``S`` = every hidden state 0..L (``safe_layers: all``) or the target layers (``target``) and
   ``M_safe`` = the token-mode mask (``safe_token_mode`` when set, else ``token_mode``) AND the
-  attention mask, pooled over ALL rows of the batch (a
-  mean over (row, token) pairs, so longer rows weigh more; not a mean of per-row means).
+  attention mask, pooled over ALL rows of the batch (a mean over (row, token) pairs, so longer rows
+  weigh more; not a mean of per-row means).
 * ``L_unsafe``: the same on the unsafe rows, target layers only. It enters with a minus sign. With
   ``unsafe_margin = m`` (not in the paper; off by default) each token's distance is first capped at
   ``m * ||h^R_l||_2``: once a token is bent that far it stops pushing, so the unbounded term cannot
