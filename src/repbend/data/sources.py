@@ -269,7 +269,9 @@ class Project(Source):
 
     class Config(Section):
         file: Literal["benign", "overrefusal", "refusals"] = Field(..., description="Which project file to read.")
-        split: Literal["train", "eval"] | None = Field(None, description="For overrefusal: keep only this split.")
+        split: Literal["train", "val", "eval"] | None = Field(
+            None, description="For overrefusal: keep only this split (train: may be trained on; val: tuning only; "
+                              "eval: held out for reporting).")
         folder: str | None = Field(None, description="Folder holding the JSONL files (default: the packaged ones).")
 
     def load(self) -> list[dict]:
@@ -290,8 +292,8 @@ class Project(Source):
             if r["id"] in seen:
                 raise RepbendError(f"{p} line {line}: duplicate id {r['id']!r}; ids must be unique.")
             seen.add(r["id"])
-            if c.file == "overrefusal" and r["split"] not in ("train", "eval"):
-                raise RepbendError(f"{p} line {line}: split must be 'train' or 'eval', not {r['split']!r}.")
+            if c.file == "overrefusal" and r["split"] not in ("train", "val", "eval"):
+                raise RepbendError(f"{p} line {line}: split must be 'train', 'val' or 'eval', not {r['split']!r}.")
             if c.split and r.get("split") != c.split:
                 continue
             if c.file == "refusals":

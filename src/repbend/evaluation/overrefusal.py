@@ -35,9 +35,9 @@ class OverRefusalConfig(Section):
     judge: Literal["default", "refusal"] = Field(
         "default", description="default: complied = engaged, coherent, on-topic, not refused (default judge); "
                                "refusal: complied = no refusal phrase (counts babble as compliance).")
-    split: Literal["eval", "train"] = Field(
-        "eval", description="Half of the over-refusal set: eval (held out; report this) or train (the half "
-                            "`data build` trains on; for tuning on validation data only).")
+    split: Literal["eval", "val", "train"] = Field(
+        "eval", description="Part of the over-refusal set: eval (held out; report this), val (held out from "
+                            "training and reports; for tuning) or train (the part `data build` trains on).")
 
 
 def load_sets(cfg: OverRefusalConfig) -> dict[str, list[dict]]:

@@ -79,8 +79,8 @@ def register(app: typer.Typer) -> None:
         use: Optional[str] = typer.Option(None, "--use", help="Record and mark the trial actually adopted when it is not "
                                                               "the rule's choice (no trial met every limit)."),
     ) -> None:
-        """Hyper-parameter search on validation data (HarmBench validation behaviours, the training half of the
-        over-refusal set): train each trial, evaluate it with the tuning suite, rank, and write
+        """Hyper-parameter search on validation data (HarmBench validation behaviours, the over-refusal set's
+        `val` part): train each trial (per seed with `seeds:`), evaluate it with the tuning suite, rank, and write
         tuning.md / tuning.json / tuning.png. Finished trials are skipped on a re-run."""
         from pathlib import Path
 

@@ -10,13 +10,18 @@ A sweep file (YAML) names a base train config, a tuning suite and the trials::
       method.params.epsilon: [0.3, 1.0]
     trials:                              # ... and/or explicit trials
       - {name: mid-layers, overrides: [method.params.target_start=10]}
+      - {name: demo, overrides: [], reuse: "runs/demo/train-repbend-s{seed}"}   # evaluate a finished run
+    seeds: [0, 1, 2]                     # optional: every trial once per training seed, ranked on the mean
     select:                              # how the winner is chosen (see :func:`rank`)
       max_overrefusal_drop: 0.05
       max_benign_drop: 0.05
       max_kl: 0.5
 
 Each trial lands in ``<out>/<trial>/{train,eval}``; one line per finished trial goes to
-``<out>/trials.jsonl`` (the sweep resumes: finished trials are skipped). ``workers > 1`` runs trials in
+``<out>/trials.jsonl`` (the sweep resumes: finished trials are skipped). With ``seeds`` each trial runs
+once per seed as ``<trial>@s<seed>``, and ranking averages every rate over the seeds (a single seed
+is a poor guide when seeds differ by 20 ASR points). ``reuse`` evaluates a finished training run of the
+same settings (checked, see :func:`reusable_run`) instead of training it again. ``workers > 1`` runs trials in
 parallel processes (useful on a GPU, where one small model leaves most of the device idle).
 
 ``rejudge`` re-scores every trial's saved completions with another judge (e.g. the default judge on a
@@ -62,6 +67,9 @@ class SweepConfig(Section):
     baseline: bool = Field(True, description="Also evaluate the original model.")
     grid: dict[str, list[Any]] = Field({}, description="Cartesian grid: override key -> values.")
     trials: list[dict] = Field([], description="Explicit trials: {name, overrides: [key=value, ...]}.")
+    seeds: list[int] | None = Field(None, min_length=1, description="Training seeds per trial (null = the train "
+                                    "config's seed, one run). Each seed runs as `<trial>@s<seed>`; ranking uses "
+                                    "every rate averaged over the seeds, and a trial counts once all have finished.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="Selection rule.")
 
 
@@ -79,13 +87,21 @@ def expand(cfg: SweepConfig) -> list[dict]:
     for i, t in enumerate(cfg.trials):
         if not isinstance(t, dict) or not t.get("name") or not isinstance(t.get("overrides", []), list):
             raise ConfigError(f"trials[{i}]: write it as {{name: ..., overrides: [key=value, ...]}}")
-        out.append({"name": str(t["name"]), "overrides": [str(o) for o in t.get("overrides", [])]})
+        if not isinstance(t.get("reuse", ""), str):
+            raise ConfigError(f"trials[{i}].reuse: give a folder path (may contain {{seed}})")
+        out.append({"name": str(t["name"]), "overrides": [str(o) for o in t.get("overrides", [])],
+                    **({"reuse": t["reuse"]} if t.get("reuse") else {})})
     names = [t["name"] for t in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup or BASELINE in names:
         raise ConfigError(f"trial names must be unique and not {BASELINE!r}: {dup or [BASELINE]}")
     if not out:
         raise ConfigError("the sweep has no trials: give a grid or a list of trials")
+    if cfg.seeds is not None:
+        if len(set(cfg.seeds)) != len(cfg.seeds):
+            raise ConfigError(f"seeds must be unique: {cfg.seeds}")
+        out = [{**t, "name": f"{t['name']}@s{sd}", "overrides": [*t["overrides"], f"training.seed={sd}"],
+                "base": t["name"], "seed": sd} for t in out for sd in cfg.seeds]
     for t in out:
         t["slug"] = "".join(c if c.isalnum() or c in "=.-_" else "_" for c in t["name"])
     return out
@@ -117,6 +133,36 @@ def check(sweep: SweepConfig, out: Path) -> list[dict]:
     return trials
 
 
+def reusable_run(tcfg, folder: str) -> Path:
+    """Check that the finished training run in ``folder`` is what ``tcfg`` would train; return its path.
+
+    A trial may name such a run (``reuse:``, e.g. a demo's ``train-repbend-s{seed}``) instead of training
+    again: training is deterministic for a seed, so this only saves the time. Everything that shapes the
+    weights must match (:data:`~repbend.training.checkpoint.MUST_MATCH`, ``max_steps``); the data folder
+    may live elsewhere but its ``train.jsonl`` must be byte-identical. RepbendError otherwise.
+    """
+    from repbend.io import sha256_file
+    from repbend.training import TrainConfig
+    from repbend.training.checkpoint import MUST_MATCH, _get
+
+    run = Path(folder)
+    if not (run / "config.yaml").is_file() or not (run / "metrics.csv").is_file():
+        raise RepbendError(f"reuse: {run} holds no training run (config.yaml and metrics.csv missing).")
+    old = load_config(TrainConfig, data=read_yaml(run / "config.yaml")).model_dump(mode="json")
+    new = tcfg.model_dump(mode="json")
+    diff = [k for k in (*MUST_MATCH, "training.max_steps") if k != "data.dir" and _get(old, k) != _get(new, k)]
+    if diff:
+        raise RepbendError(f"reuse: {run} was trained with other settings ({', '.join(diff)}); train the trial "
+                           f"instead (drop reuse) or point reuse at a matching run.")
+    a, b = Path(old["data"]["dir"]) / "train.jsonl", Path(new["data"]["dir"]) / "train.jsonl"
+    if not a.is_file() or not b.is_file() or sha256_file(a) != sha256_file(b):
+        raise RepbendError(f"reuse: {run} was trained on {a}, which is not byte-identical to {b}.")
+    last = _final_train_metrics(run).get("step")
+    if last != tcfg.training.max_steps:
+        raise RepbendError(f"reuse: {run} stopped at step {last}, not {tcfg.training.max_steps}; finish it first.")
+    return run
+
+
 def _final_train_metrics(run_dir: Path) -> dict:
     import csv
 
@@ -135,7 +181,8 @@ def run_trial(sweep: SweepConfig, trial: dict, out: Path, device: str | None) ->
     from repbend.pipeline.jobs import _train_or_resume
 
     t0 = time.perf_counter()
-    rec: dict[str, Any] = {"name": trial["name"], "overrides": trial["overrides"]}
+    rec: dict[str, Any] = {"name": trial["name"], "overrides": trial["overrides"],
+                           **{k: trial[k] for k in ("base", "seed") if k in trial}}
     suite = load_suite(sweep.suite, list(sweep.suite_overrides))
     if trial["name"] == BASELINE:
         model = read_yaml(resolve_config(sweep.train_config)).get("model", {}).get("name", "default")
@@ -143,11 +190,16 @@ def run_trial(sweep: SweepConfig, trial: dict, out: Path, device: str | None) ->
     else:
         tcfg = _train_cfg(sweep, trial, out)
         model = tcfg.model.name
-        _train_or_resume(tcfg)
-        adapter = None if tcfg.full_finetune else tcfg.output_dir
+        if trial.get("reuse"):
+            run = str(reusable_run(tcfg, trial["reuse"].format(seed=tcfg.training.seed)))
+            rec["reused"] = run
+        else:
+            _train_or_resume(tcfg)
+            run = tcfg.output_dir
+        adapter = None if tcfg.full_finetune else run
         if tcfg.full_finetune:
-            model = tcfg.output_dir
-        rec["train"] = _final_train_metrics(Path(tcfg.output_dir))
+            model = run
+        rec["train"] = _final_train_metrics(Path(run))
     rec["train_seconds"] = round(time.perf_counter() - t0, 1)
     ecfg = EvalConfig(model=model, adapter=adapter, suite=suite, output_dir=str(out / trial["slug"] / "eval"),
                       device=device, progress=False, report=False, overwrite=True)
@@ -182,7 +234,8 @@ def _worker(args: tuple) -> None:
         try:
             rec = run_trial(sweep, t, Path(out), device)
         except RepbendError as e:        # e.g. a divergence stop: record it, go on with the others
-            rec = {"name": t["name"], "overrides": t["overrides"], "error": str(e)}
+            rec = {"name": t["name"], "overrides": t["overrides"], "error": str(e),
+                   **{k: t[k] for k in ("base", "seed") if k in t}}
         append_jsonl(Path(out) / TRIALS_FILE, rec)
 
 
@@ -206,11 +259,11 @@ def run_sweep(sweep: SweepConfig, out: Path, *, workers: int = 1, device: str | 
     todo = ([{"name": BASELINE, "overrides": [], "slug": BASELINE}] if sweep.baseline else []) + trials
     finished = {n for n, r in done_trials(out).items() if "results" in r}   # failed trials are tried again
     todo = [t for t in todo if t["name"] not in finished]
-    if only:
-        unknown = sorted(set(only) - {t["name"] for t in trials} - {BASELINE})
+    if only:      # a trial's name selects all its seeds; `name@sN` one of them
+        unknown = sorted(set(only) - {t["name"] for t in trials} - {t.get("base") for t in trials} - {BASELINE})
         if unknown:
             raise ConfigError(f"--only names unknown trials: {', '.join(unknown)}")
-        todo = [t for t in todo if t["name"] in only]
+        todo = [t for t in todo if t["name"] in only or t.get("base") in only]
     deadline = time.time() + time_budget_s if time_budget_s else None
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     if workers <= 1 or len(todo) <= 1:
@@ -285,8 +338,54 @@ def _mean_rate(rec: dict, key: str, attacks: list[str] | None) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def rank(recs: dict[str, dict], select: SelectConfig) -> list[dict]:
-    """Rows sorted best first: trials meeting every limit (vs the original model), by mean ASR then KL."""
+def _mean(vals: list) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _mean_results(results: list[dict]) -> dict:
+    """One headline dict whose every rate is the mean over ``results`` (the seeds of one trial)."""
+    first = results[0]
+    asr = {a: {b: {k: (_mean([r["asr"][a][b].get(k) for r in results]) if k != "n" else cell.get("n"))
+                   for k, _ in cell.items()}
+               for b, cell in benches.items()} for a, benches in first["asr"].items()}
+    return {"asr": asr, "average_asr": None, "judge": first["judge"],
+            **{k: _mean([r.get(k) for r in results]) for k in ("overrefusal", "benign", "kl")}}
+
+
+def aggregate(recs: dict[str, dict], seeds: list[int] | None = None) -> dict[str, dict]:
+    """Merge the per-seed records (``<trial>@s<seed>``) into one record per trial, rates averaged over seeds.
+
+    A trial with fewer finished seeds than ``seeds`` gets an ``error`` record (it cannot be ranked yet);
+    records without a ``base`` (single-seed sweeps, the original model) pass through unchanged.
+    """
+    out: dict[str, dict] = {}
+    groups: dict[str, list[dict]] = {}
+    for name, rec in recs.items():
+        if rec.get("base") is None:
+            out[name] = rec
+        else:
+            groups.setdefault(rec["base"], []).append(rec)
+    for base, rs in groups.items():
+        done = sorted((r for r in rs if "results" in r), key=lambda r: r["seed"])
+        want = len(seeds) if seeds else len(rs)
+        overrides = [o for o in rs[0].get("overrides", []) if not o.startswith("training.seed=")]
+        if not done or len(done) < want:
+            out[base] = {"name": base, "overrides": overrides, "error": f"{len(done)} of {want} seeds finished"}
+            continue
+        out[base] = {"name": base, "overrides": overrides, "seeds": [r["seed"] for r in done],
+                     "per_seed": {str(r["seed"]): r["results"] for r in done},
+                     "results": _mean_results([r["results"] for r in done]),
+                     "seconds": round(sum(r.get("seconds") or 0 for r in done), 1)}
+    return out
+
+
+def rank(recs: dict[str, dict], select: SelectConfig, seeds: list[int] | None = None) -> list[dict]:
+    """Rows sorted best first: trials meeting every limit (vs the original model), by mean ASR then KL.
+
+    Per-seed records are first averaged per trial (:func:`aggregate`); such rows carry ``seed_asr``.
+    """
+    recs = aggregate(recs, seeds)
     base = recs.get(BASELINE, {}).get("results", {})
     rows = []
     for name, rec in recs.items():
@@ -300,6 +399,9 @@ def rank(recs: dict[str, dict], select: SelectConfig) -> list[dict]:
                "overrefusal": r.get("overrefusal"), "benign": r.get("benign"), "kl": r.get("kl"),
                "per_attack": {a: next(iter(b.values()))["asr"] for a, b in r["asr"].items()},
                "seconds": rec.get("seconds")}
+        if "per_seed" in rec:
+            row["seed_asr"] = {sd: _mean_rate({"results": res}, "asr", select.attacks)
+                               for sd, res in rec["per_seed"].items()}
         why = []
         if name != BASELINE and base:
             if r.get("overrefusal") is not None and base.get("overrefusal") is not None \
@@ -328,9 +430,9 @@ def report(out: Path, select: SelectConfig | None = None, use: str | None = None
     sweep = json.loads((out / "sweep.json").read_text())
     select = select or SelectConfig.model_validate(sweep.get("select", {}))
     recs = done_trials(out)
-    rows = rank(recs, select)
+    rows = rank(recs, select, sweep.get("seeds"))
     chosen = next((r for r in rows if r["ok"]), None)
-    if use is not None and use not in recs:
+    if use is not None and use not in {r["name"] for r in rows}:
         raise ConfigError(f"--use names no finished trial: {use!r}")
     used = next((r for r in rows if r["name"] == use), chosen)
     judge = next((r["results"]["judge"] for r in recs.values() if "results" in r), "?")
@@ -350,17 +452,22 @@ def _pct(v: float | None) -> str:
 
 def _markdown(rows: list[dict], chosen: dict | None, judge: str, select: SelectConfig) -> str:
     attacks = sorted({a for r in rows for a in r.get("per_attack", {})})
+    seeded = int(any(r.get("seed_asr") for r in rows))
     lines = [f"Validation sweep (judge: {judge}); ASR and compliance in %, KL in nats. "
              f"Chosen: **{chosen['name'] if chosen else 'none meets the limits'}**.", "",
-             "| trial | mean ASR | " + " | ".join(attacks) + " | gibberish | refusal | over-refusal compl. | "
-             "benign compl. | KL | ok |",
-             "|" + "---|" * (len(attacks) + 8)]
+             "| trial | mean ASR | " + " | ".join(attacks) + (" | mean ASR per seed" if seeded else "") +
+             " | gibberish | refusal | over-refusal compl. | benign compl. | KL | ok |",
+             "|" + "---|" * (len(attacks) + 8 + seeded)]
     for r in rows:
         if r.get("asr") is None and "per_attack" not in r:
-            lines.append(f"| {r['name']} | failed: {r['why']} |" + " |" * (len(attacks) + 6))
+            lines.append(f"| {r['name']} | failed: {r['why']} |" + " |" * (len(attacks) + 6 + seeded))
             continue
         cells = [_pct(r["per_attack"].get(a)) for a in attacks]
         kl = "–" if r.get("kl") is None else f"{r['kl']:.3f}"
+        if r.get("seed_asr"):
+            cells.append(" / ".join(_pct(v) for v in r["seed_asr"].values()))
+        elif any(x.get("seed_asr") for x in rows):
+            cells.append("–")
         ok = "yes" if r["ok"] else ("(original)" if r["name"] == BASELINE else "no: " + r["why"])
         lines.append(f"| {r['name']} | {_pct(r['asr'])} | " + " | ".join(cells) +
                      f" | {_pct(r['gibberish'])} | {_pct(r['refusal'])} | {_pct(r['overrefusal'])} | "
