@@ -120,3 +120,19 @@ def test_rank_averages_seeds_and_waits_for_all_of_them():
     assert tune.rank(recs, tune.SelectConfig(), seeds=[0, 1])[0]["name"] == "steady"
     md = tune._markdown(tune.rank(recs, tune.SelectConfig(), seeds=[0, 1]), None, "default", tune.SelectConfig())
     assert "| steady | 35.0 | 35.0 | 30.0 / 40.0 |" in md
+
+
+def test_fallback_picks_the_smallest_shortfall_among_trials_that_still_answer():
+    recs = {r["name"]: r for r in [
+        _rec("original", 0.8, 0.0, 0.95, 1.0, None),
+        _rec("short_by_3", 0.40, 0.0, 0.87, 1.0, 0.02),      # 0.95 - 0.05 - 0.87 = 0.03
+        _rec("short_by_1", 0.50, 0.0, 0.89, 0.94, 0.02),     # over-refusal 0.01 short, benign 0.01 short
+        _rec("babbles", 0.00, 0.9, 0.95, 1.0, 0.02),         # no shortfall, but outside the gibberish limit
+    ]}
+    rows = tune.rank(recs, tune.SelectConfig())
+    assert not any(r["ok"] for r in rows)
+    chosen = tune.fallback_choice(rows, tune.SelectConfig())
+    assert chosen["name"] == "short_by_1" and chosen["fallback"] and chosen["shortfall"] == pytest.approx(0.01)
+    assert tune.fallback_choice(tune.rank(recs, tune.SelectConfig()), tune.SelectConfig(fallback="none")) is None
+    md = tune._markdown(rows, chosen, "default", tune.SelectConfig())
+    assert "fallback: no trial meets every limit" in md and "1.0 points" in md

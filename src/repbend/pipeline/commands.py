@@ -95,4 +95,5 @@ def register(app: typer.Typer) -> None:
         res = t.report(out, use=use)
         chosen = res["chosen"]
         typer.echo((out / "tuning.md").read_text())
-        typer.echo(f"chosen: {chosen['name']} {chosen['overrides']}" if chosen else "no trial meets the limits")
+        typer.echo(f"chosen{' (fallback)' if chosen and chosen.get('fallback') else ''}: {chosen['name']} "
+                   f"{chosen['overrides']}" if chosen else "no trial meets the limits")
