@@ -119,7 +119,7 @@ def test_rank_averages_seeds_and_waits_for_all_of_them():
     assert not rows["unfinished"]["ok"] and rows["unfinished"]["why"] == "1 of 2 seeds finished"
     assert tune.rank(recs, tune.SelectConfig(), seeds=[0, 1])[0]["name"] == "steady"
     md = tune._markdown(tune.rank(recs, tune.SelectConfig(), seeds=[0, 1]), None, "default", tune.SelectConfig())
-    assert "| steady | 35.0 | 35.0 | 30.0 / 40.0 |" in md
+    assert "| steady | 35.0 | 35.0 | 30.0 / 40.0 |" in md and "| unfinished | not ranked: 1 of 2 seeds finished |" in md
 
 
 def test_fallback_picks_the_smallest_shortfall_among_trials_that_still_answer():

@@ -487,7 +487,8 @@ def _markdown(rows: list[dict], chosen: dict | None, judge: str, select: SelectC
              "|" + "---|" * (len(attacks) + 8 + seeded)]
     for r in rows:
         if r.get("asr") is None and "per_attack" not in r:
-            lines.append(f"| {r['name']} | failed: {r['why']} |" + " |" * (len(attacks) + 6 + seeded))
+            label = "not ranked" if r["why"].endswith("seeds finished") else "failed"
+            lines.append(f"| {r['name']} | {label}: {r['why']} |" + " |" * (len(attacks) + 6 + seeded))
             continue
         cells = [_pct(r["per_attack"].get(a)) for a in attacks]
         kl = "–" if r.get("kl") is None else f"{r['kl']:.3f}"
