@@ -467,7 +467,7 @@ def report(out: Path, select: SelectConfig | None = None, use: str | None = None
     if used is not None and used is not chosen:
         md += f"\nUsed: **{used['name']}** ({used['why'] or 'within the limits'}).\n"
     atomic_write_text(out / "tuning.md", md)
-    _plot(rows, used, out / "tuning.png")
+    _plot(rows, used, out / "tuning.png", select)
     return summary
 
 
@@ -509,7 +509,7 @@ def _markdown(rows: list[dict], chosen: dict | None, judge: str, select: SelectC
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], chosen: dict | None, path: Path) -> None:
+def _plot(rows: list[dict], chosen: dict | None, path: Path, select: SelectConfig | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -519,7 +519,12 @@ def _plot(rows: list[dict], chosen: dict | None, path: Path) -> None:
     if not pts:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((axes[0], "overrefusal", "over-refusal compliance, validation half (%)"),
+    base = next((r for r in pts if r["name"] == BASELINE), None)
+    if select is not None and base is not None and base.get("overrefusal") is not None:
+        axes[0].axvline(100 * (base["overrefusal"] - select.max_overrefusal_drop), ls="--", c="tab:red", lw=1,
+                        label=f"limit (original - {100 * select.max_overrefusal_drop:g} points)")
+        axes[0].legend(fontsize=7, loc="upper left")
+    for ax, key, label in ((axes[0], "overrefusal", "over-refusal compliance, validation prompts (%)"),
                            (axes[1], "kl", "benign KL to the original (nats)")):
         for r in pts:
             if r.get(key) is None:
@@ -534,9 +539,11 @@ def _plot(rows: list[dict], chosen: dict | None, path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("mean ASR on HarmBench validation (%)")
         ax.grid(alpha=0.3)
-    if any(r.get("kl") for r in pts):
+    if max((r.get("kl") or 0) for r in pts) > 0.1:       # spans orders of magnitude: symlog; else linear
         axes[1].set_xscale("symlog", linthresh=0.01)
-    fig.suptitle("RepBend hyper-parameter search (black: original; red star: used; grey: outside the limits)")
+    how = " (fallback: none within the limits)" if chosen and chosen.get("fallback") else ""
+    fig.suptitle(f"RepBend hyper-parameter search (black: original; red star: used{how}; grey: outside the limits)",
+                 fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
