@@ -147,14 +147,14 @@ def reusable_run(tcfg, folder: str) -> Path:
     """
     from repbend.io import sha256_file
     from repbend.training import TrainConfig
-    from repbend.training.checkpoint import MUST_MATCH, _get
+    from repbend.training.checkpoint import MUST_MATCH, config_diff
 
     run = Path(folder)
     if not (run / "config.yaml").is_file() or not (run / "metrics.csv").is_file():
         raise RepbendError(f"reuse: {run} holds no training run (config.yaml and metrics.csv missing).")
     old = load_config(TrainConfig, data=read_yaml(run / "config.yaml")).model_dump(mode="json")
     new = tcfg.model_dump(mode="json")
-    diff = [k for k in (*MUST_MATCH, "training.max_steps") if k != "data.dir" and _get(old, k) != _get(new, k)]
+    diff = config_diff(old, new, tuple(k for k in (*MUST_MATCH, "training.max_steps") if k != "data.dir"))
     if diff:
         raise RepbendError(f"reuse: {run} was trained with other settings ({', '.join(diff)}); train the trial "
                            f"instead (drop reuse) or point reuse at a matching run.")
@@ -178,6 +178,11 @@ def _final_train_metrics(run_dir: Path) -> dict:
     return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
 
 
+def _seed_ident(trial: dict) -> dict:
+    """``base``/``seed`` of a per-seed trial (empty for single-seed trials and the original)."""
+    return {k: trial[k] for k in ("base", "seed") if k in trial}
+
+
 def run_trial(sweep: SweepConfig, trial: dict, out: Path, device: str | None) -> dict:
     """Train (unless baseline) and evaluate one trial; returns its record for ``trials.jsonl``."""
     from repbend.evaluation.runner import EvalConfig, evaluate
@@ -185,8 +190,7 @@ def run_trial(sweep: SweepConfig, trial: dict, out: Path, device: str | None) ->
     from repbend.pipeline.jobs import _train_or_resume
 
     t0 = time.perf_counter()
-    rec: dict[str, Any] = {"name": trial["name"], "overrides": trial["overrides"],
-                           **{k: trial[k] for k in ("base", "seed") if k in trial}}
+    rec: dict[str, Any] = {"name": trial["name"], "overrides": trial["overrides"], **_seed_ident(trial)}
     suite = load_suite(sweep.suite, list(sweep.suite_overrides))
     if trial["name"] == BASELINE:
         model = read_yaml(resolve_config(sweep.train_config)).get("model", {}).get("name", "default")
@@ -238,8 +242,7 @@ def _worker(args: tuple) -> None:
         try:
             rec = run_trial(sweep, t, Path(out), device)
         except RepbendError as e:        # e.g. a divergence stop: record it, go on with the others
-            rec = {"name": t["name"], "overrides": t["overrides"], "error": str(e),
-                   **{k: t[k] for k in ("base", "seed") if k in t}}
+            rec = {"name": t["name"], "overrides": t["overrides"], "error": str(e), **_seed_ident(t)}
         append_jsonl(Path(out) / TRIALS_FILE, rec)
 
 
@@ -337,9 +340,8 @@ def rejudge(out: Path, judge_spec: dict | None = None) -> dict[str, dict]:
 
 
 def _mean_rate(rec: dict, key: str, attacks: list[str] | None) -> float | None:
-    vals = [b[key] for a, benches in rec["results"]["asr"].items() if attacks is None or a in attacks
-            for b in benches.values() if b.get(key) is not None]
-    return sum(vals) / len(vals) if vals else None
+    return _mean([b.get(key) for a, benches in rec["results"]["asr"].items() if attacks is None or a in attacks
+                  for b in benches.values()])
 
 
 def _mean(vals: list) -> float | None:
@@ -351,7 +353,7 @@ def _mean_results(results: list[dict]) -> dict:
     """One headline dict whose every rate is the mean over ``results`` (the seeds of one trial)."""
     first = results[0]
     asr = {a: {b: {k: (_mean([r["asr"][a][b].get(k) for r in results]) if k != "n" else cell.get("n"))
-                   for k, _ in cell.items()}
+                   for k in cell}
                for b, cell in benches.items()} for a, benches in first["asr"].items()}
     return {"asr": asr, "average_asr": None, "judge": first["judge"],
             **{k: _mean([r.get(k) for r in results]) for k in ("overrefusal", "benign", "kl")}}

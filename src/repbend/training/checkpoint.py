@@ -58,6 +58,11 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def config_diff(old: dict, new: dict, keys: tuple[str, ...] = MUST_MATCH) -> list[str]:
+    """The dotted ``keys`` on which two dumped train configs differ (default: what shapes the weights)."""
+    return [k for k in keys if _get(old, k) != _get(new, k)]
+
+
 def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path | None:
     """Check the output folder; return the checkpoint to resume from (None = fresh start)."""
     run_dir = Path(cfg.output_dir)
@@ -72,7 +77,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path | None:
         raise RepbendError(f"--resume: {run_dir} has no checkpoint to resume from; run without --resume.")
     old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     new = cfg.model_dump(mode="json")
-    diff = [k for k in MUST_MATCH if _get(old, k) != _get(new, k)]
+    diff = config_diff(old, new)
     if diff:
         raise RepbendError(f"--resume: the config differs from the run in {run_dir} on {', '.join(diff)} "
                            f"(adapter/base/method mismatch); resume with the original config or start a new output_dir.")
