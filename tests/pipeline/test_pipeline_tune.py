@@ -136,3 +136,34 @@ def test_fallback_picks_the_smallest_shortfall_among_trials_that_still_answer():
     assert tune.fallback_choice(tune.rank(recs, tune.SelectConfig()), tune.SelectConfig(fallback="none")) is None
     md = tune._markdown(rows, chosen, "default", tune.SelectConfig())
     assert "fallback: no trial meets every limit" in md and "1.0 points" in md
+
+
+def _shipped_trials(sweep_name, tmp_path):
+    sweep = tune.load_sweep(sweep_name)
+    return {t["name"]: tune._train_cfg(sweep, t, tmp_path).method.params for t in tune.expand(sweep)}
+
+
+def test_shipped_sweeps_pin_their_base_so_a_new_default_does_not_change_them(tmp_path):
+    # protocol v1 ran on round 1's base (alpha 0.5, response tokens, no margin) whatever the default is now
+    v1 = _shipped_trials("tune-default", tmp_path)
+    grid = v1["lr=2e-05_epsilon=0.3"]
+    assert (grid["alpha"], grid["token_mode"], grid["unsafe_margin"], grid["epsilon"]) == (0.5, "response_all", None, 0.3)
+    r2 = v1["m0.2_lr1e-4"]
+    assert (r2["alpha"], r2["token_mode"], r2["unsafe_margin"]) == (0.5, "response_all", 0.2)
+    r3 = v1["r3_reqresp"]
+    assert (r3["alpha"], r3["token_mode"], r3["epsilon"], r3["safe_token_mode"]) == (2.0, "request_response", 1.0, None)
+    # protocol v2's finalists ran at epsilon 1; round 8's choice is epsilon 3
+    v2 = _shipped_trials("tune-default-v2", tmp_path)
+    assert {v2[f"{n}@s0"]["epsilon"] for n in ("r3_reqresp", "r6_safe_resp_skip", "r8_reqresp_a3")} == {1.0}
+    assert v2["r6_safe_resp_skip@s1"]["safe_token_mode"] == "response_all"
+
+
+def test_default_train_config_is_the_tuning_choice(tmp_path):
+    """configs/train-default.yaml must be what protocol v2's rule chose (docs/TUNING.md, round 8)."""
+    from repbend.config import load_config, read_yaml
+    from repbend.paths import resolve_config
+    from repbend.training import TrainConfig
+
+    default = load_config(TrainConfig, data=read_yaml(resolve_config("train-default"))).method.params
+    chosen = _shipped_trials("tune-default-v2", tmp_path)["r8_reqresp_eps3@s0"]
+    assert chosen == default
