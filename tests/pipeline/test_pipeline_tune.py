@@ -160,10 +160,10 @@ def test_shipped_sweeps_pin_their_base_so_a_new_default_does_not_change_them(tmp
 
 def test_default_train_config_is_the_tuning_choice(tmp_path):
     """configs/train-default.yaml must be what protocol v2's rule chose (docs/TUNING.md, round 8)."""
-    from repbend.config import load_config, read_yaml
+    from repbend.config import load_config
     from repbend.paths import resolve_config
     from repbend.training import TrainConfig
 
-    default = load_config(TrainConfig, data=read_yaml(resolve_config("train-default"))).method.params
+    default = load_config(TrainConfig, resolve_config("train-default")).method.params
     chosen = _shipped_trials("tune-default-v2", tmp_path)["r8_reqresp_eps3@s0"]
     assert chosen == default

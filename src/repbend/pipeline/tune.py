@@ -377,7 +377,8 @@ def aggregate(recs: dict[str, dict], seeds: list[int] | None = None) -> dict[str
         want = len(seeds) if seeds else len(rs)
         overrides = [o for o in rs[0].get("overrides", []) if not o.startswith("training.seed=")]
         if not done or len(done) < want:
-            out[base] = {"name": base, "overrides": overrides, "error": f"{len(done)} of {want} seeds finished"}
+            out[base] = {"name": base, "overrides": overrides, "error": f"{len(done)} of {want} seeds finished",
+                         "pending": True}
             continue
         out[base] = {"name": base, "overrides": overrides, "seeds": [r["seed"] for r in done],
                      "per_seed": {str(r["seed"]): r["results"] for r in done},
@@ -396,7 +397,8 @@ def rank(recs: dict[str, dict], select: SelectConfig, seeds: list[int] | None = 
     rows = []
     for name, rec in recs.items():
         if "results" not in rec:
-            rows.append({"name": name, "ok": False, "why": rec.get("error", "no results"), "asr": None})
+            rows.append({"name": name, "ok": False, "why": rec.get("error", "no results"), "asr": None,
+                         "pending": rec.get("pending", False)})
             continue
         r = rec["results"]
         row = {"name": name, "overrides": rec.get("overrides", []), "asr": _mean_rate(rec, "asr", select.attacks),
@@ -489,7 +491,7 @@ def _markdown(rows: list[dict], chosen: dict | None, judge: str, select: SelectC
              "|" + "---|" * (len(attacks) + 8 + seeded)]
     for r in rows:
         if r.get("asr") is None and "per_attack" not in r:
-            label = "not ranked" if r["why"].endswith("seeds finished") else "failed"
+            label = "not ranked" if r.get("pending") else "failed"
             lines.append(f"| {r['name']} | {label}: {r['why']} |" + " |" * (len(attacks) + 6 + seeded))
             continue
         cells = [_pct(r["per_attack"].get(a)) for a in attacks]
