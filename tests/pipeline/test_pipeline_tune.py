@@ -167,3 +167,20 @@ def test_default_train_config_is_the_tuning_choice(tmp_path):
     default = load_config(TrainConfig, resolve_config("train-default")).method.params
     chosen = _shipped_trials("tune-default-v2", tmp_path)["r8_reqresp_eps3@s0"]
     assert chosen == default
+
+
+def test_eval_dtype_of_the_sweep_reaches_the_evaluation(tmp_path, monkeypatch):
+    from repbend.evaluation import runner
+
+    seen = {}
+
+    def fake_evaluate(cfg):
+        seen["dtype"], seen["device"] = cfg.dtype, cfg.device
+        return {"asr": {}, "average_asr": None, "judge": {"name": "default"}}
+
+    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
+    trial = {"name": tune.BASELINE, "overrides": [], "slug": tune.BASELINE}
+    tune.run_trial(_sweep(eval_dtype="float32"), trial, tmp_path, "cpu")
+    assert seen == {"dtype": "float32", "device": "cpu"}
+    tune.run_trial(_sweep(), trial, tmp_path, None)
+    assert seen == {"dtype": None, "device": None}

@@ -75,6 +75,9 @@ class SweepConfig(Section):
                                     "config's seed, one run). Each seed runs as `<trial>@s<seed>`; ranking uses "
                                     "every rate averaged over the seeds, and a trial counts once all have finished.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="Selection rule.")
+    eval_dtype: str | None = Field(None, description="Model dtype for evaluation (null = the loader's choice: "
+                                   "bfloat16 on a GPU, float32 on a CPU); float32 keeps GPU trials comparable "
+                                   "with CPU ones.")
 
 
 def _fmt(v: Any) -> str:
@@ -210,7 +213,7 @@ def run_trial(sweep: SweepConfig, trial: dict, out: Path, device: str | None) ->
         rec["train"] = _final_train_metrics(Path(run))
     rec["train_seconds"] = round(time.perf_counter() - t0, 1)
     ecfg = EvalConfig(model=model, adapter=adapter, suite=suite, output_dir=str(out / trial["slug"] / "eval"),
-                      device=device, progress=False, report=False, overwrite=True)
+                      device=device, dtype=sweep.eval_dtype, progress=False, report=False, overwrite=True)
     rec["results"] = _headline(evaluate(ecfg))
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     return rec
