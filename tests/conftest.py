@@ -4,7 +4,9 @@ Nothing here downloads anything; the whole default suite runs on these in second
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +64,23 @@ def build_tiny_model(tokenizer, num_layers: int = 4, hidden: int = 32, seed: int
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_script(relpath: str):
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a repository script that is not part of the package (benchmarks/, tools/) as a module."""
+    return _load_script
 
 
 @pytest.fixture(scope="session")

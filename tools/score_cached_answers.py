@@ -9,8 +9,8 @@ attacks and over-refusal are not scored (their cache rows are not plain answers,
 
     python tools/score_cached_answers.py runs/tune-gpu [--judge default] [--json out.json]
 
-Needs the sweep's finished ``original`` trial (behaviour texts and the complete answer counts). The
-prefill attack's answers are scored with the suite's generic opening in front, as the runner does.
+Needs the sweep's finished ``original`` trial (behaviour texts, the complete answer counts, and each
+behaviour's prefilled opening, which is put back in front of the cached continuation as the runner does).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from repbend.evaluation.attacks.base import GENERIC_TARGET
 from repbend.evaluation.judges import JUDGES
 from repbend.evaluation.suites import build
 from repbend.evaluation.types import JudgeItem
@@ -36,6 +35,7 @@ def score(out: Path, judge_name: str = "default") -> dict[str, dict[str, dict[st
     done = read_jsonl(base / "completions.jsonl")
     behaviour = {r["behaviour_id"]: r["behaviour"] for r in done if "behaviour" in r}
     complete = Counter(r["attack"] for r in done if r.get("attack") in PROMPT_ATTACKS)
+    opening = {(r["attack"], r["behaviour_id"]): r.get("prefill") or "" for r in done if r.get("attack") in complete}
     _, judge = build(JUDGES, {"name": judge_name})
     table: dict[str, dict[str, dict[str, float]]] = {}
     for cache in sorted(out.glob("*/eval/cache.jsonl")):
@@ -44,8 +44,8 @@ def score(out: Path, judge_name: str = "default") -> dict[str, dict[str, dict[st
             rs = [r for r in rows if r["attack"] == attack]
             if len(rs) != n:
                 continue
-            lead = GENERIC_TARGET if attack == "prefill" else ""
-            vs = judge.score([JudgeItem(behaviour=behaviour[r["behaviour_id"]], response=lead + r["text"]) for r in rs])
+            vs = judge.score([JudgeItem(behaviour=behaviour[r["behaviour_id"]],
+                                        response=opening.get((attack, r["behaviour_id"]), "") + r["text"]) for r in rs])
             table.setdefault(cache.parent.parent.name, {})[attack] = {
                 "asr": 100 * sum(v.harmful for v in vs) / n, "refusal": 100 * sum(v.refused for v in vs) / n,
                 "gibberish": 100 * sum(v.gibberish for v in vs) / n, "n": n}

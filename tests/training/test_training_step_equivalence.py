@@ -5,9 +5,6 @@ engine are held to the same numbers here, in fp32, on a model whose LoRA B is ra
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,21 +12,13 @@ from repbend.data.chat import encode
 from repbend.methods.repbend import RepBend, RepBendConfig
 from repbend.training.model_setup import linear_block_modules
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train_step.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", _BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("safe_layers", ["all"])
-def test_engine_matches_six_pass_reference(tiny_model, tiny_tokenizer, safe_layers):
+def test_engine_matches_six_pass_reference(tiny_model, tiny_tokenizer, safe_layers, load_script):
     from peft import LoraConfig, get_peft_model
 
-    bench = _bench()
+    bench = load_script("benchmarks/bench_train_step.py")
     method = RepBend(RepBendConfig(target_layers=[2, 3], safe_layers=safe_layers, max_unsafe_ratio=None), 4, 32)
     model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                   target_modules=linear_block_modules(tiny_model)))
