@@ -79,6 +79,20 @@ def test_plan_builds_every_stage_without_loading_models(tmp_path):
     assert "train npo seed 1" in names and "evaluate eval-npo-s1" in names and len(names) == 2 + 2 * 2 * 2
 
 
+def test_empty_new_training_options_keep_old_fingerprints(tmp_path):
+    # a run finished before data.repeat_kinds existed is not retrained; setting it does retrain
+    def train_stage(overrides):
+        cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides})
+        return next(s for s in plan(cfg) if s.name.startswith("train"))
+
+    plain = train_stage([])
+    assert "repeat_kinds" not in plain.fingerprint["train"]["data"]
+    assert train_stage(["data.repeat_kinds={}"]).key == plain.key
+    oversampled = train_stage(["data.repeat_kinds={overrefusal: 3}"])
+    assert oversampled.fingerprint["train"]["data"]["repeat_kinds"] == {"overrefusal": 3}
+    assert oversampled.key != plain.key
+
+
 def test_plan_rejects_train_config_of_another_method(tmp_path):
     from repbend.paths import CONFIG_DIR
 

@@ -5,7 +5,7 @@ import pytest
 
 from repbend.data.chat import Encoded
 from repbend.errors import RepbendError
-from repbend.training.data import StepSampler, collate_splits, split_rows
+from repbend.training.data import StepSampler, collate_splits, repeat_kinds, split_rows
 from train_fixtures import make_rows
 
 
@@ -75,3 +75,18 @@ def test_collate_splits_pads_once_to_the_longest_row():
     batch, spans = collate_splits(items, pad_id=0)
     assert batch.input_ids.shape == (3, 6) and spans == {"safe": slice(0, 1), "unsafe": slice(1, 3)}
     assert int(batch.attention_mask.sum()) == 11
+
+
+def test_repeat_kinds_oversamples_rows_of_a_kind_and_keeps_pairs_aligned():
+    rows = make_rows()
+    assert repeat_kinds(rows, {}) == rows
+    out = repeat_kinds(rows, {"benign": 3, "harmful": 2})
+    count = lambda rs, kind: sum(r["kind"] == kind for r in rs)
+    assert count(out, "benign") == 3 * count(rows, "benign")
+    assert count(out, "harmful") == 2 * count(rows, "harmful")
+    assert count(out, "refusal") == count(rows, "refusal")
+    by = split_rows(out, ["safe", "unsafe", "retain", "pair"])
+    assert [r["pair_id"] for r in by["unsafe"]] == [r["pair_id"] for r in by["pair"]]
+    assert len(by["retain"]) == 3 * len(split_rows(rows, ["retain"])["retain"])
+    with pytest.raises(RepbendError, match=r"kind\(s\) \['overrefusal'\].*kinds present: \['benign', 'harmful', 'refusal'\]"):
+        repeat_kinds(rows, {"overrefusal": 2})

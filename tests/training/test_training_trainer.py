@@ -139,6 +139,12 @@ def test_bad_input_fails_before_loading_the_model(tiny_model_dir, built_dir, tmp
         train(TrainConfig.model_validate(data))
     with pytest.raises(ValueError, match="full_finetune"):
         TrainConfig.model_validate({**data, "full_finetune": True})
+    with pytest.raises(ValueError, match="repeat count must be >= 1"):
+        TrainConfig.model_validate({**data, "data": {**data["data"], "repeat_kinds": {"benign": 0}}})
+    typo = {**data, "lora": {**data["lora"], "layers_to_transform": None},
+            "data": {**data["data"], "repeat_kinds": {"overrefusl": 3}}}
+    with pytest.raises(RepbendError, match=r"repeat_kinds names kind\(s\) \['overrefusl'\]"):
+        train(TrainConfig.model_validate(typo))
     with pytest.raises(ValueError, match="full_finetune"):
         TrainConfig.model_validate({**{k: v for k, v in data.items() if k != "lora"}, "full_finetune": True,
                                     "model": {"name": str(tiny_model_dir), "adapter": str(tmp_path)}})

@@ -55,6 +55,20 @@ class PipelineConfig(Section):
         return v
 
 
+
+# Training options added after a release whose empty value trains exactly as before the option existed: left out
+# of a train stage's fingerprint while empty, so finished runs of older versions are not retrained.
+_NEUTRAL_WHEN_EMPTY = (("data", "repeat_kinds"),)
+
+
+def train_fingerprint(tcfg) -> dict:
+    """A training config's dump for stage fingerprints (see ``_NEUTRAL_WHEN_EMPTY``)."""
+    dump = tcfg.model_dump(mode="json")
+    for section, key in _NEUTRAL_WHEN_EMPTY:
+        if not dump.get(section, {}).get(key):
+            dump.get(section, {}).pop(key, None)
+    return dump
+
 def _train_config_path(cfg: PipelineConfig, method: str) -> Path:
     if method == "repbend":
         return resolve_config(cfg.train_config)
@@ -113,7 +127,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 raise RepbendError(f"{path} trains method {tcfg.method.name!r}, but it was chosen for {method!r}; "
                                    f"point --train-config at the right file.")
             stages.append(Stage(f"train {method} seed {seed}", run, lambda t=tcfg: _train_or_resume(t),
-                                {"train": tcfg.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json")}))
+                                {"train": train_fingerprint(tcfg), "data": data_cfg.model_dump(mode="json")}))
             # the run folder holds the final adapter (LoRA) or the full weights (full fine-tuning)
             if tcfg.full_finetune:
                 stages.append(eval_stage(f"eval-{method}-s{seed}", None, model=str(run)))

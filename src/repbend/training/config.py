@@ -34,6 +34,18 @@ class DataSection(Section):
     max_response_tokens: int = Field(512, ge=1, description="Responses are cut to their first N tokens.")
     length_bucketing: bool = Field(False, description="Draw rows of similar length together (less padding).")
     bucket_batches: int = Field(16, ge=2, description="With length_bucketing: sort windows of this many batches.")
+    repeat_kinds: dict[str, int] = Field(
+        default_factory=dict,
+        description="Oversampling: each training row of these kinds (a row's `kind` in train.jsonl: harmful, refusal, "
+                    "benign, overrefusal, ...) appears N times in its split's pool, e.g. {overrefusal: 3}. "
+                    "Validation rows are not repeated.")
+
+    @field_validator("repeat_kinds")
+    @classmethod
+    def _repeats(cls, v: dict[str, int]) -> dict[str, int]:
+        if any(n < 1 for n in v.values()):
+            raise ValueError("every repeat count must be >= 1 (1 = no oversampling)")
+        return v
 
     @field_validator("batch_size")
     @classmethod

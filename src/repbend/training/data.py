@@ -36,6 +36,21 @@ def load_rows(data_dir: str | Path, part: str = "train") -> list[dict]:
     return list(ds.train if part == "train" else ds.val)
 
 
+def repeat_kinds(rows: Sequence[dict], repeats: dict[str, int]) -> list[dict]:
+    """Every row whose ``kind`` is in ``repeats`` repeated that many times, in place (order kept otherwise).
+
+    RepbendError when a named kind has no rows, so a typo does not silently train without oversampling.
+    """
+    if not repeats:
+        return list(rows)
+    present = {r.get("kind") for r in rows}
+    missing = sorted(k for k in repeats if k not in present)
+    if missing:
+        raise RepbendError(f"data.repeat_kinds names kind(s) {missing} that the training data does not have; "
+                           f"kinds present: {sorted(k for k in present if k)}.")
+    return [r for r in rows for _ in range(repeats.get(r.get("kind"), 1))]
+
+
 def split_rows(rows: Sequence[dict], needed: Sequence[str]) -> dict[str, list[dict]]:
     """Rows per needed split (``pair`` -> aligned refusals of the unsafe rows); RepbendError when one is empty."""
     by = {s: [r for r in rows if r.get("split") == s] for s in ("safe", "unsafe", "retain")}

@@ -26,7 +26,8 @@ from repbend.methods.base import Need
 from repbend.seeding import seed_everything
 from repbend.training.checkpoint import TrainState, only_trainable_hook, prepare_run_dir, save_checkpoint
 from repbend.training.config import TrainConfig, check_train_config, method_class, model_shape
-from repbend.training.data import StepSampler, collate_splits, encode_rows, load_rows, rows_of, split_rows
+from repbend.training.data import (StepSampler, collate_splits, encode_rows, load_rows, repeat_kinds, rows_of,
+                                   split_rows)
 from repbend.training.forward import forward_states, head_fn
 from repbend.training.model_setup import build_models
 from repbend.training.telemetry import Telemetry, layer_stats
@@ -120,7 +121,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         raise ConfigError("Invalid training config: " + "; ".join(errors))
     ckpt = prepare_run_dir(cfg, resume)
     method_cls, method_cfg = method_class(cfg.method.name), cfg.method.build_config()
-    rows = load_rows(cfg.data.dir)
+    rows = repeat_kinds(load_rows(cfg.data.dir), cfg.data.repeat_kinds)
     if shape is not None:
         split_rows(rows, list(method_cls(method_cfg, *shape).needs()))
     # cpu=True without CUDA: accelerate then sees torchrun's WORLD_SIZE and uses gloo (MULTI_CPU)
