@@ -90,3 +90,8 @@ def test_repeat_kinds_oversamples_rows_of_a_kind_and_keeps_pairs_aligned():
     assert len(by["retain"]) == 3 * len(split_rows(rows, ["retain"])["retain"])
     with pytest.raises(RepbendError, match=r"kind\(s\) \['overrefusal'\].*kinds present: \['benign', 'harmful', 'refusal'\]"):
         repeat_kinds(rows, {"overrefusal": 2})
+    only_retain = repeat_kinds(rows, {"retain/benign": 4, "benign": 2})  # split/kind beats kind
+    n = lambda rs, split: sum(r["split"] == split and r["kind"] == "benign" for r in rs)
+    assert n(only_retain, "retain") == 4 * n(rows, "retain") and n(only_retain, "safe") == 2 * n(rows, "safe")
+    with pytest.raises(RepbendError, match=r"\['unsafe/benign'\]"):
+        repeat_kinds(rows, {"unsafe/benign": 2})

@@ -37,8 +37,9 @@ class DataSection(Section):
     repeat_kinds: dict[str, int] = Field(
         default_factory=dict,
         description="Oversampling: each training row of these kinds (a row's `kind` in train.jsonl: harmful, refusal, "
-                    "benign, overrefusal, ...) appears N times in its split's pool, e.g. {overrefusal: 3}. "
-                    "Validation rows are not repeated.")
+                    "benign, overrefusal, ...) appears N times in its split's pool, e.g. {overrefusal: 3}; a "
+                    "split/kind key limits it to one split, e.g. {retain/overrefusal: 3}. Validation rows are not "
+                    "repeated.")
 
     @field_validator("repeat_kinds")
     @classmethod

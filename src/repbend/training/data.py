@@ -37,18 +37,21 @@ def load_rows(data_dir: str | Path, part: str = "train") -> list[dict]:
 
 
 def repeat_kinds(rows: Sequence[dict], repeats: dict[str, int]) -> list[dict]:
-    """Every row whose ``kind`` is in ``repeats`` repeated that many times, in place (order kept otherwise).
+    """Every row whose ``kind`` (or ``split/kind``) is in ``repeats`` repeated that many times, in place.
 
-    RepbendError when a named kind has no rows, so a typo does not silently train without oversampling.
+    A ``split/kind`` key (``retain/overrefusal``) beats a plain ``kind`` key for rows of that split. RepbendError
+    when a key matches no row, so a typo does not silently train without oversampling.
     """
     if not repeats:
         return list(rows)
-    present = {r.get("kind") for r in rows}
+    present = {r.get("kind") for r in rows} | {f"{r.get('split')}/{r.get('kind')}" for r in rows}
     missing = sorted(k for k in repeats if k not in present)
     if missing:
         raise RepbendError(f"data.repeat_kinds names kind(s) {missing} that the training data does not have; "
-                           f"kinds present: {sorted(k for k in present if k)}.")
-    return [r for r in rows for _ in range(repeats.get(r.get("kind"), 1))]
+                           f"kinds present: {sorted(k for k in present if k and '/' not in k)} "
+                           f"(or split/kind, e.g. retain/{next((r.get('kind') for r in rows), 'benign')}).")
+    return [r for r in rows
+            for _ in range(repeats.get(f"{r.get('split')}/{r.get('kind')}", repeats.get(r.get("kind"), 1)))]
 
 
 def split_rows(rows: Sequence[dict], needed: Sequence[str]) -> dict[str, list[dict]]:
