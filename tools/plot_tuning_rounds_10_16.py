@@ -39,7 +39,8 @@ def main(v2: Path, gpu: Path, png: Path) -> None:
         r = recs[name]["results"]
         x, y = 100 * r["overrefusal"], 100 * r["average_asr"]
         a.scatter(x, y, s=40, color="black" if name == "original" else "tab:blue")
-        n = seen[(round(x, 1), round(y, 1))] = seen.get((round(x, 1), round(y, 1)), -1) + 1  # same point: label left
+        point = (round(x, 1), round(y, 1))
+        n = seen[point] = seen.get(point, -1) + 1  # a point already labelled: put this label on its left
         a.annotate(name.replace("@s0", ""), (x, y), fontsize=8, xytext=(-4 if n else 4, 3), textcoords="offset points",
                    ha="right" if n else "left")
     a.axvline(100 * (orig - 0.05), color="tab:red", ls="--", lw=1, label="over-refusal limit (original - 5)")

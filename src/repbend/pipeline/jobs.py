@@ -55,7 +55,6 @@ class PipelineConfig(Section):
         return v
 
 
-
 # Training options added after a release whose empty value trains exactly as before the option existed: left out
 # of a train stage's fingerprint while empty, so finished runs of older versions are not retrained.
 _NEUTRAL_WHEN_EMPTY = (("data", "repeat_kinds"),)
@@ -65,9 +64,10 @@ def train_fingerprint(tcfg) -> dict:
     """A training config's dump for stage fingerprints (see ``_NEUTRAL_WHEN_EMPTY``)."""
     dump = tcfg.model_dump(mode="json")
     for section, key in _NEUTRAL_WHEN_EMPTY:
-        if not dump.get(section, {}).get(key):
-            dump.get(section, {}).pop(key, None)
+        if not dump[section][key]:
+            del dump[section][key]
     return dump
+
 
 def _train_config_path(cfg: PipelineConfig, method: str) -> Path:
     if method == "repbend":

@@ -44,14 +44,13 @@ def repeat_kinds(rows: Sequence[dict], repeats: dict[str, int]) -> list[dict]:
     """
     if not repeats:
         return list(rows)
-    present = {r.get("kind") for r in rows} | {f"{r.get('split')}/{r.get('kind')}" for r in rows}
-    missing = sorted(k for k in repeats if k not in present)
+    keys = [(r.get("kind"), f"{r.get('split')}/{r.get('kind')}") for r in rows]
+    missing = sorted(set(repeats) - {k for pair in keys for k in pair})
     if missing:
         raise RepbendError(f"data.repeat_kinds names kind(s) {missing} that the training data does not have; "
-                           f"kinds present: {sorted(k for k in present if k and '/' not in k)} "
-                           f"(or split/kind, e.g. retain/{next((r.get('kind') for r in rows), 'benign')}).")
-    return [r for r in rows
-            for _ in range(repeats.get(f"{r.get('split')}/{r.get('kind')}", repeats.get(r.get("kind"), 1)))]
+                           f"kinds present: {sorted({kind for kind, _ in keys if kind})} "
+                           f"(or split/kind, e.g. retain/overrefusal).")
+    return [r for r, (kind, split_kind) in zip(rows, keys) for _ in range(repeats.get(split_kind, repeats.get(kind, 1)))]
 
 
 def split_rows(rows: Sequence[dict], needed: Sequence[str]) -> dict[str, list[dict]]:
