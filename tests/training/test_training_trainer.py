@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -64,11 +65,33 @@ def test_merge_gives_plain_model_with_same_logits(tiny_model_dir, built_dir, tmp
 
     run = train(tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2, layer_stats_every=0))
     out = merge(run, tmp_path / "merged")
+    import repbend.training
+
+    assert repbend.training.merge is merge   # the function; its module once shadowed it after the first call
     merged = AutoModelForCausalLM.from_pretrained(out)
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-5)
+
+
+def test_gguf_converted_folder_can_be_merged_and_fully_finetuned(tiny_model_dir, built_dir, tmp_path):
+    """A GGUF -> safetensors folder (plain tensors, config.json still naming GGUF, as the default model's
+    conversion wrote it until session 10) loaded as GGUF-quantised and refused save_pretrained."""
+    converted = tmp_path / "converted"
+    shutil.copytree(tiny_model_dir, converted)
+    cfg = json.loads((converted / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
+    (converted / "config.json").write_text(json.dumps(cfg))
+    from repbend.training import merge
+
+    run = train(tiny_train_config(converted, built_dir, tmp_path / "lora", max_steps=1, layer_stats_every=0))
+    out = merge(run, tmp_path / "merged")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    data = tiny_train_config(converted, built_dir, tmp_path / "full", max_steps=1, layer_stats_every=0).model_dump()
+    del data["lora"]
+    full = train(TrainConfig.model_validate({**data, "full_finetune": True}))
+    assert (full / "model.safetensors").is_file()
 
 
 class _Stop(Exception):

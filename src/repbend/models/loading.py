@@ -134,12 +134,32 @@ def _fix_tokenizer(tok, name: str) -> None:
         _say_once(f"tokenizer of {name} has no pad token; using its eos token {tok.eos_token!r} for padding")
 
 
+def _without_stale_gguf(config):
+    """``config`` without a GGUF ``quantization_config``, or None when it has none.
+
+    A folder converted from a GGUF file (``from_pretrained(gguf_file=...)`` then ``save_pretrained``) holds
+    plain dequantised tensors but keeps ``quantization_config: {quant_method: gguf}`` in its config.json.
+    Loaded as is, transformers marks the model GGUF-quantised: it computes the same (checked: identical
+    weights and logits) but refuses ``save_pretrained``, so merging an adapter or saving a full
+    fine-tune would fail. Such a folder cannot hold GGUF tensors (those load only with ``gguf_file``).
+    """
+    q = getattr(config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return None
+    del config.quantization_config
+    return config
+
+
 def _from_pretrained(location: str, kind: str, device: str, dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw = {"trust_remote_code": trust_remote_code}
     try:
         tok = AutoTokenizer.from_pretrained(location, **kw)
+        plain = _without_stale_gguf(AutoConfig.from_pretrained(location, **kw))
+        if plain is not None:
+            kw["config"] = plain
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map="auto" if device == "auto" else None,
                                                      **kw)
     except (OSError, ValueError, KeyError) as e:

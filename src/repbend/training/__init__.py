@@ -15,7 +15,7 @@ def train(cfg: TrainConfig, resume: bool = False):
 
 
 def merge(adapter, output, base=None, dtype: str = "float32"):
-    from repbend.training.merge import merge as _merge
+    from repbend.training.merging import merge as _merge
 
     return _merge(adapter, output, base=base, dtype=dtype)
 

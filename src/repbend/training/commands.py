@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("float32", "--dtype", help="Weights dtype of the merged model: float32, bfloat16, float16."),
     ) -> None:
         """Merge a LoRA adapter into its base model (loadable with AutoModelForCausalLM.from_pretrained)."""
-        from repbend.training.merge import merge
+        from repbend.training.merging import merge
 
         typer.echo(f"merged model: {merge(adapter, output, base=base, dtype=dtype)}")
 
