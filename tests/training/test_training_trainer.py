@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import repbend.training.trainer as trainer_mod
+from repbend.config import apply_overrides
 from repbend.errors import ConfigError, DivergenceError, RepbendError
 from repbend.methods import METHODS
 from repbend.training import train
@@ -162,6 +163,9 @@ def test_bad_input_fails_before_loading_the_model(tiny_model_dir, built_dir, tmp
         train(TrainConfig.model_validate(data))
     with pytest.raises(ValueError, match="full_finetune"):
         TrainConfig.model_validate({**data, "full_finetune": True})
+    # `lora=null` drops the section, so a LoRA config file can be switched to full fine-tuning from the CLI
+    ft = TrainConfig.model_validate(apply_overrides(data, ["lora=null", "full_finetune=true"]))
+    assert ft.full_finetune and "lora" not in ft.model_fields_set
     with pytest.raises(ValueError, match="repeat count must be >= 1"):
         TrainConfig.model_validate({**data, "data": {**data["data"], "repeat_kinds": {"benign": 0}}})
     typo = {**data, "lora": {**data["lora"], "layers_to_transform": None},

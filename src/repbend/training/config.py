@@ -116,6 +116,15 @@ class TrainConfig(Section):
     training: TrainingSection = Field(default_factory=TrainingSection, description="Optimisation and logging.")
     output_dir: str = Field(..., description="Run folder (adapter or weights, config, metrics, checkpoints).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_null(cls, data: Any) -> Any:
+        """``lora: null`` (or the override ``lora=null``) = no lora section: lets full_finetune runs start from a
+        LoRA config file without editing it."""
+        if isinstance(data, dict) and "lora" in data and data["lora"] is None:
+            data = {k: v for k, v in data.items() if k != "lora"}
+        return data
+
     @model_validator(mode="after")
     def _ft_vs_adapter(self) -> "TrainConfig":
         if self.full_finetune and self.model.adapter:
@@ -123,7 +132,7 @@ class TrainConfig(Section):
                              "merge it first (repbend merge) or set full_finetune false")
         if self.full_finetune and "lora" in self.model_fields_set:
             raise ValueError("full_finetune: the lora section has no effect with full fine-tuning; remove it "
-                             "or set full_finetune false")
+                             "(or override lora=null) or set full_finetune false")
         return self
 
 
