@@ -7,7 +7,8 @@ import pytest
 
 from repbend.config import load_config
 from repbend.errors import ConfigError, RepbendError
-from repbend.pipeline.jobs import PipelineConfig, plan
+from repbend.evaluation.suites import load_suite
+from repbend.pipeline.jobs import PipelineConfig, plan, with_reference_model
 from repbend.pipeline.stages import Stage, run_stages
 from repbend.pipeline.summary import summarise
 
@@ -91,6 +92,24 @@ def test_empty_new_training_options_keep_old_fingerprints(tmp_path):
     oversampled = train_stage(["data.repeat_kinds={overrefusal: 3}"])
     assert oversampled.fingerprint["train"]["data"]["repeat_kinds"] == {"overrefusal": 3}
     assert oversampled.key != plain.key
+
+
+def test_full_finetune_evals_measure_kl_against_the_base(tmp_path):
+    # a full model has no adapter to switch off: without capability.reference_model its KL was skipped and its
+    # perplexity scored on its own answers (tuning round 17 found this)
+    def stages(overrides):
+        cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides})
+        return {s.name: s for s in plan(cfg)}
+
+    lora, full = stages([]), stages(["lora=null", "full_finetune=true"])
+    assert full["evaluate eval-repbend-s0"].fingerprint["suite"]["capability"]["reference_model"] == "default"
+    assert "reference_model" not in (lora["evaluate eval-repbend-s0"].fingerprint["suite"]["capability"] or {})
+    assert full["evaluate eval-original"].key == lora["evaluate eval-original"].key
+    suite = load_suite("quick")
+    named = suite.model_copy(update={"capability": {**suite.capability, "reference_model": "my-base"}})
+    assert with_reference_model(named, "default") is named      # a reference the suite names is kept
+    off = suite.model_copy(update={"capability": None})
+    assert with_reference_model(off, "default") is off          # no capability stage: nothing to add
 
 
 def test_plan_rejects_train_config_of_another_method(tmp_path):

@@ -91,6 +91,16 @@ def _train_or_resume(tcfg) -> None:
     train(tcfg, resume=has_ckpt)
 
 
+def with_reference_model(suite, base: str):
+    """``suite`` for a fully fine-tuned model: benign KL and perplexity need the original model, and a full
+    model has no adapter to switch off, so ``capability.reference_model`` names ``base`` (unless the suite
+    names one). Without it the capability stage would skip KL and score the trained model's perplexity on
+    its OWN answers, not comparable with the original's."""
+    if suite.capability is None or suite.capability.get("reference_model"):
+        return suite
+    return suite.model_copy(update={"capability": {**suite.capability, "reference_model": base}})
+
+
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Build the list of stages (validating every config up front, before any model is loaded)."""
     from repbend.data.build import build_dataset
@@ -107,10 +117,12 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
 
     def eval_stage(name: str, adapter: Path | None, model: str | None = None) -> Stage:
         d = out / name
-        ecfg = EvalConfig(model=model or cfg.model, adapter=str(adapter) if adapter else None, suite=suite,
+        s = with_reference_model(suite, cfg.model) if model else suite   # a full model: KL against the base
+        ecfg = EvalConfig(model=model or cfg.model, adapter=str(adapter) if adapter else None, suite=s,
                           output_dir=str(d))
         return Stage(f"evaluate {name}", d, lambda: evaluate(ecfg),
-                     {"model": model or cfg.model, "adapter": str(adapter), "suite": suite_fp})
+                     {"model": model or cfg.model, "adapter": str(adapter),
+                      "suite": suite_fp if s is suite else s.model_dump(mode="json")})
 
     stages = [Stage("build data", data_dir, lambda: build_dataset(data_cfg, data_dir),
                     {"data": data_cfg.model_dump(mode="json")}),

@@ -190,7 +190,7 @@ def run_trial(sweep: SweepConfig, trial: dict, out: Path, device: str | None) ->
     """Train (unless baseline) and evaluate one trial; returns its record for ``trials.jsonl``."""
     from repbend.evaluation.runner import EvalConfig, evaluate
     from repbend.evaluation.suites import load_suite
-    from repbend.pipeline.jobs import _train_or_resume
+    from repbend.pipeline.jobs import _train_or_resume, with_reference_model
 
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"name": trial["name"], "overrides": trial["overrides"], **_seed_ident(trial)}
@@ -209,6 +209,7 @@ def run_trial(sweep: SweepConfig, trial: dict, out: Path, device: str | None) ->
             run = tcfg.output_dir
         adapter = None if tcfg.full_finetune else run
         if tcfg.full_finetune:
+            suite = with_reference_model(suite, tcfg.model.name)
             model = run
         rec["train"] = _final_train_metrics(Path(run))
     rec["train_seconds"] = round(time.perf_counter() - t0, 1)
