@@ -101,7 +101,7 @@ def test_full_finetune_evals_measure_kl_against_the_base(tmp_path):
         cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides})
         return {s.name: s for s in plan(cfg)}
 
-    lora, full = stages([]), stages(["lora=null", "full_finetune=true"])
+    lora, full = stages(["full_finetune=false", "training.lr=5e-4"]), stages([])   # the default is full FT (round 17)
     assert full["evaluate eval-repbend-s0"].fingerprint["suite"]["capability"]["reference_model"] == "default"
     assert "reference_model" not in (lora["evaluate eval-repbend-s0"].fingerprint["suite"]["capability"] or {})
     assert full["evaluate eval-original"].key == lora["evaluate eval-original"].key

@@ -159,14 +159,32 @@ def test_shipped_sweeps_pin_their_base_so_a_new_default_does_not_change_them(tmp
 
 
 def test_default_train_config_is_the_tuning_choice(tmp_path):
-    """configs/train-default.yaml must be what protocol v2's rule chose (docs/TUNING.md, round 8)."""
+    """configs/train-default.yaml must be what protocol v2's rule chose (docs/TUNING.md, round 17)."""
     from repbend.config import load_config
     from repbend.paths import resolve_config
     from repbend.training import TrainConfig
 
-    default = load_config(TrainConfig, resolve_config("train-default")).method.params
-    chosen = _shipped_trials("tune-default-v2", tmp_path)["r8_reqresp_eps3@s0"]
+    default = load_config(TrainConfig, resolve_config("train-default")).model_dump(mode="json")
+    sweep = tune.load_sweep("tune-default-v2")
+    trial = next(t for t in tune.expand(sweep) if t["name"] == "r17_full_lr5e-5@s0")
+    chosen = tune._train_cfg(sweep, trial, tmp_path).model_dump(mode="json")
+    for d in (default, chosen):
+        d.pop("output_dir")
     assert chosen == default
+    assert default["full_finetune"] and default["training"]["lr"] == 5e-5
+
+
+def test_earlier_trials_stay_lora_after_the_default_became_full_finetuning(tmp_path):
+    # every sweep pins the LoRA r16 / lr 5e-4 base its finished trials ran on (round 17 changed the default)
+    for name in ("tune-default", "tune-default-v2", "tune-gpu-scale"):
+        sweep = tune.load_sweep(name)
+        for t in tune.expand(sweep):
+            cfg = tune._train_cfg(sweep, t, tmp_path)
+            assert cfg.full_finetune == t["name"].startswith("r17_full"), t["name"]
+            if not cfg.full_finetune:
+                assert (cfg.lora.r, cfg.lora.alpha) in {(16, 16), (64, 64)}, t["name"]
+                lr_set = any(o.startswith("training.lr=") for o in t["overrides"])
+                assert lr_set or cfg.training.lr == 5e-4, t["name"]
 
 
 def test_eval_dtype_of_the_sweep_reaches_the_evaluation(tmp_path, monkeypatch):
