@@ -6,6 +6,7 @@ which converts into a fresh temporary cache (copying the wheel from the shared c
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -43,6 +44,8 @@ def test_first_conversion_from_the_wheel(tmp_path, monkeypatch, capsys):
     convert_s = time.perf_counter() - t0
     assert default.manifest_problems(folder, verify=True) == []
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    # the weights are dequantised: a config still naming GGUF would make the folder unsaveable (merge, full FT)
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     t0 = time.perf_counter()
     model, tok = load_model("default")
     load_s = time.perf_counter() - t0
@@ -87,6 +90,26 @@ def test_adapter_on_default_model_records_portable_alias(shared_cache, tmp_path)
     assert pm.peft_config["default"].base_model_name_or_path == "smollm2-135m-instruct"
     again, _ = load_model(str(tmp_path / "lora"))
     assert isinstance(again, PeftModel)
+
+
+def test_default_model_adapter_merges_into_a_plain_folder(shared_cache, tmp_path):
+    """repbend merge on a default-model adapter (it failed until session 10: the cached folder's config named
+    GGUF, so save_pretrained refused); the merged folder loads with plain transformers and matches PEFT."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from repbend.training import merge
+
+    model, tok = load_model("default", for_training=True)
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "lora")
+    out = merge(tmp_path / "lora", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(load_model("default")[0], tmp_path / "lora").eval()
+    ids = torch.tensor([encode(tok, [{"role": "user", "content": "How do I bake bread?"}]).input_ids])
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, peft(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
 def test_cli_chat_with_the_default_model(shared_cache, capsys):
