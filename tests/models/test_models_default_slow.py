@@ -109,7 +109,9 @@ def test_default_model_adapter_merges_into_a_plain_folder(shared_cache, tmp_path
     ids = torch.tensor([encode(tok, [{"role": "user", "content": "How do I bake bread?"}]).input_ids])
     with torch.no_grad():
         a, b = merged(input_ids=ids).logits, peft(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    # float32 merge rounding: logits of size ~30 differ by ~1e-4
+    assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 def test_cli_chat_with_the_default_model(shared_cache, capsys):
