@@ -117,6 +117,13 @@ def choose_l2(x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
     return best_l2
 
 
+def separation(s: dict[str, torch.Tensor]) -> dict[str, float]:
+    """AUROC and share caught (<= MAX_FPR of the over-refusal prompts flagged), validation and test, from probe scores."""
+    return {"auroc_val": auroc(s["hb_val"], s["or_val"]), "auroc_test": auroc(s["hb_test"], s["or_eval"]),
+            "caught_val": caught_at_fpr(s["hb_val"], s["or_val"], MAX_FPR)[0],
+            "caught_test": caught_at_fpr(s["hb_test"], s["or_eval"], MAX_FPR)[0]}
+
+
 def bag_of_tokens(tok, sets: dict[str, list[str]], seed: int) -> dict:
     """The same probe on which (lower-cased) tokens a prompt contains, no model states: how far words alone go."""
     enc = {k: [set(tok(p.lower(), add_special_tokens=False)["input_ids"]) for p in v] for k, v in sets.items()}
@@ -133,9 +140,7 @@ def bag_of_tokens(tok, sets: dict[str, list[str]], seed: int) -> dict:
     l2 = choose_l2(x, y, seed)
     m = fit_logreg(x, y, l2)
     s = {k: score(m, feats(v)) for k, v in enc.items() if not k.startswith("train")}
-    return {"l2": l2, "auroc_val": auroc(s["hb_val"], s["or_val"]), "auroc_test": auroc(s["hb_test"], s["or_eval"]),
-            "caught_val": caught_at_fpr(s["hb_val"], s["or_val"], MAX_FPR)[0],
-            "caught_test": caught_at_fpr(s["hb_test"], s["or_eval"], MAX_FPR)[0]}
+    return {"l2": l2, **separation(s)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,16 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = list(read_jsonl(train_file))
     harmful = sorted({r["messages"][-1]["content"] for r in rows if r["split"] == "unsafe"})
     safe = sorted({r["messages"][-1]["content"] for r in rows if r["kind"] in ("benign", "overrefusal")} - set(harmful))
+    test_behaviours = HarmBench().load()
     sets = {
         "train_harmful": harmful, "train_safe": safe,
         "hb_val": [b.full_prompt for b in HarmBenchVal().load()],
-        "hb_test": [b.full_prompt for b in HarmBench().load()],
+        "hb_test": [b.full_prompt for b in test_behaviours],
         "or_val": [r["prompt"] for r in load_project("overrefusal", split="val")],
         "or_eval": [r["prompt"] for r in load_project("overrefusal", split="eval")],
     }
     if a.strip_final_punct:
         sets = {k: [p.rstrip().rstrip("?.!").rstrip() for p in v] for k, v in sets.items()}
-    test_ids = [b.id for b in HarmBench().load()]
     model, tok = load_model(a.model, device="cpu", dtype="float32")
     words = bag_of_tokens(tok, sets, a.seed)
     states = {k: last_token_states(model, tok, v, k) for k, v in sets.items()}
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.eval_original:
         done = {r["behaviour_id"]: bool(r["harmful"]) for r in read_jsonl(Path(a.eval_original) / "completions.jsonl")
                 if r["attack"] == "direct"}
-        complied = torch.tensor([done.get(i, False) for i in test_ids])
+        complied = torch.tensor([done.get(b.id, False) for b in test_behaviours])
     x_tr = torch.cat([states["train_harmful"], states["train_safe"]])
     y = torch.cat([torch.ones(len(harmful)), torch.zeros(len(safe))])
     n_layers = x_tr.shape[1]
@@ -189,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         l2 = choose_l2(x_tr[:, layer], y, a.seed)
         m = fit_logreg(x_tr[:, layer], y, l2)
         s = {k: score(m, v[:, layer]) for k, v in states.items() if not k.startswith("train")}
-        row = {"layer": layer, "l2": l2,
-               "auroc_val": auroc(s["hb_val"], s["or_val"]), "auroc_test": auroc(s["hb_test"], s["or_eval"]),
-               "caught_val": caught_at_fpr(s["hb_val"], s["or_val"], MAX_FPR)[0],
-               "caught_test": caught_at_fpr(s["hb_test"], s["or_eval"], MAX_FPR)[0]}
+        row = {"layer": layer, "l2": l2, **separation(s)}
         if complied is not None and complied.any():
             row["caught_test_complied"] = caught_at_fpr(s["hb_test"][complied], s["or_eval"], MAX_FPR)[0]
         table.append(row)
