@@ -266,3 +266,88 @@ def test_safe_token_mode_overrides_the_tokens_of_l_safe_only():
     no_resp = collate([Encoded([1, 2], 2, 0)], pad_id=0)
     with pytest.raises(RepbendError, match="safe_token_mode"):
         resp.check_batch({"safe": no_resp})
+
+
+def _fake_reference_states(rows_by_key):
+    """reference_states(split, kinds, need) over hand-made rows: {(split, kind): [state vector at the last
+    request token, ...]}; each row is one request token, so its last request state is that vector."""
+    calls = []
+
+    def states(split, kinds, need, request_only=False):
+        assert request_only   # the last request state needs no response tokens
+        calls.append((split, None if kinds is None else tuple(kinds)))
+        vecs = [v for (s, k), vs in rows_by_key.items() if s == split and (kinds is None or k in kinds) for v in vs]
+        for i in range(0, len(vecs), 2):
+            chunk = vecs[i:i + 2]
+            batch = collate([Encoded([5], 1, 0) for _ in chunk], pad_id=0)
+            yield batch, States(hidden={l: torch.tensor(chunk, dtype=torch.float32)[:, None, :] for l in need.layers})
+
+    return states, calls
+
+
+def test_direction_is_the_normalised_difference_of_harmful_and_safe_means_without_refusal_rows():
+    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, zeta=1, target_layers=[1], direction_margin=None)
+    m = RepBend(cfg, num_layers=1, hidden_size=2)
+    states, calls = _fake_reference_states({
+        ("unsafe", "harmful"): [[4.0, 1.0], [2.0, 3.0]],                       # mean (3, 2)
+        ("safe", "benign"): [[0.0, 2.0]], ("safe", "overrefusal"): [[0.0, 0.0]],  # mean (0, 1)
+        ("safe", "refusal"): [[100.0, -100.0]]})                                 # harmful request: left out
+    m.prepare(states)
+    assert calls == [("unsafe", None), ("safe", ("benign", "overrefusal"))]
+    # (3, 2) - (0, 1) = (3, 1) -> (3, 1) / sqrt(10)
+    assert torch.allclose(m.directions[1], torch.tensor([3.0, 1.0]) / math.sqrt(10))
+    # L_dir on one unsafe row moved by (1, 1) from its reference: (1, 1) . d = 4 / sqrt(10); the loss is -zeta * that
+    one = collate([Encoded([5], 1, 0)], pad_id=0)
+    pol = {"unsafe": States(hidden={1: torch.tensor([[[2.0, 1.0]]])})}
+    ref = {"unsafe": States(hidden={1: torch.tensor([[[1.0, 0.0]]])})}
+    loss, parts = m({"unsafe": one}, pol, ref, 0.0)
+    assert parts["loss/dir"] == pytest.approx(4 / math.sqrt(10))
+    assert float(loss) == pytest.approx(-4 / math.sqrt(10))
+
+
+def test_direction_rows_and_margin_cap():
+    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, zeta=2, target_layers=[1], direction_rows=2,
+                        direction_margin=0.5)
+    m = RepBend(cfg, num_layers=1, hidden_size=2)
+    # only the first 2 rows per side count: unsafe mean (1, 0), safe mean (-1, 0) -> d = (1, 0)
+    states, _ = _fake_reference_states({("unsafe", "harmful"): [[1.0, 1.0], [1.0, -1.0], [50.0, 50.0]],
+                                        ("safe", "benign"): [[-1.0, 0.0], [-1.0, 0.0], [0.0, 99.0]]})
+    m.prepare(states)
+    assert torch.allclose(m.directions[1], torch.tensor([1.0, 0.0]))
+    two = collate([Encoded([5], 1, 0), Encoded([6], 1, 0)], pad_id=0)
+    # row 0: pushed by 10 along d, capped at 0.5 * ||ref|| = 0.5 * 2 = 1; row 1: moved AGAINST d by 3 -> -3 (no floor)
+    ref = {"unsafe": States(hidden={1: torch.tensor([[[2.0, 0.0]], [[0.0, 4.0]]])})}
+    pol = {"unsafe": States(hidden={1: torch.tensor([[[12.0, 0.0]], [[-3.0, 4.0]]])})}
+    loss, parts = m({"unsafe": two}, pol, ref, 0.0)
+    assert parts["loss/dir"] == pytest.approx((1.0 - 3.0) / 2)
+    assert float(loss) == pytest.approx(-2 * (1.0 - 3.0) / 2)
+
+
+def test_direction_gradient_moves_unsafe_states_along_it():
+    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, zeta=1, target_layers=[1], direction_margin=None)
+    m = RepBend(cfg, num_layers=1, hidden_size=2)
+    states, _ = _fake_reference_states({("unsafe", "harmful"): [[0.0, 1.0]], ("safe", "benign"): [[0.0, -1.0]]})
+    m.prepare(states)
+    one = collate([Encoded([5], 1, 0)], pad_id=0)
+    h = torch.tensor([[[1.0, 1.0]]], requires_grad=True)
+    loss, _ = m({"unsafe": one}, {"unsafe": States(hidden={1: h})}, {"unsafe": States(hidden={1: h.detach().clone()})}, 0)
+    loss.backward()
+    assert torch.allclose(h.grad[0, 0], torch.tensor([0.0, -1.0]))   # descent moves h by +d = (0, 1)
+
+
+def test_direction_bad_input_is_a_clear_error():
+    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, zeta=1, target_layers=[1], direction_safe_kinds=["nope"])
+    m = RepBend(cfg, num_layers=1, hidden_size=2)
+    assert set(m.needs()) == {"unsafe"} and m.needs()["unsafe"].reference
+    one = collate([Encoded([5], 1, 0)], pad_id=0)
+    st = {"unsafe": States(hidden={1: torch.zeros(1, 1, 2)})}
+    with pytest.raises(RepbendError, match="call prepare"):
+        m({"unsafe": one}, st, st, 0.0)
+    states, _ = _fake_reference_states({("unsafe", "harmful"): [[0.0, 1.0]], ("safe", "benign"): [[0.0, -1.0]]})
+    with pytest.raises(RepbendError, match="direction_safe_kinds"):
+        m.prepare(states)
+    same, _ = _fake_reference_states({("unsafe", "harmful"): [[1.0, 1.0]], ("safe", "benign"): [[1.0, 1.0]]})
+    with pytest.raises(RepbendError, match="identical"):
+        RepBend(cfg.model_copy(update={"direction_safe_kinds": ["benign"]}), 1, 2).prepare(same)
+    # zeta 0: prepare does not even ask for states
+    RepBend(RepBendConfig(target_layers=[1]), 1, 2).prepare(lambda *a: (_ for _ in ()).throw(AssertionError("called")))

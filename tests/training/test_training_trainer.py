@@ -218,3 +218,55 @@ def test_default_model_token_options_train_end_to_end(tiny_model_dir, built_dir,
     full = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "full", max_steps=1)
     full.method.params.update(token_mode="request_response", safe_token_mode="response_all")
     assert "unsafe_tokens" not in _metrics(train(full))[0]
+
+
+def _last_request_states(model_dir, rows, layers):
+    """Hidden states at each row's last request token, computed directly from a saved model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from repbend.data.chat import encode
+
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    out = {l: [] for l in layers}
+    with torch.no_grad():
+        for r in rows:
+            e = encode(tok, r["messages"], r.get("response"), max_request_tokens=32, max_response_tokens=24)
+            hs = model(torch.tensor([e.input_ids]), output_hidden_states=True).hidden_states
+            for l in layers:
+                out[l].append(hs[l][0, e.request_len - 1])
+    return {l: torch.stack(v) for l, v in out.items()}
+
+
+def test_direction_term_uses_the_original_models_states_and_bends_along_them(tiny_model_dir, built_dir, tmp_path,
+                                                                             monkeypatch):
+    """zeta > 0 through the real trainer: prepare() gets the frozen model's states (its direction equals one
+    computed by hand from the base model: harmful minus benign, refusal rows left out), L_dir is logged, and the
+    trained model's last-request states of the harmful rows lie further along that direction."""
+    from repbend.methods.repbend import RepBend
+
+    seen = {}
+    real = RepBend.prepare
+
+    def spy(self, reference_states):
+        real(self, reference_states)
+        seen["directions"] = self.directions
+
+    monkeypatch.setattr(RepBend, "prepare", spy)
+    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=6, lr=1e-3).model_dump()
+    del data["lora"]
+    data["method"]["params"].update(alpha=1.0, beta=0.0, gamma=0.0, zeta=1.0, direction_margin=None)
+    run = train(TrainConfig.model_validate({**data, "full_finetune": True}))
+    rows = make_rows()
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    benign = [r for r in rows if r["split"] == "safe" and r["kind"] == "benign"]
+    base_h, base_b = (_last_request_states(tiny_model_dir, rs, [2, 3]) for rs in (harmful, benign))
+    for l in (2, 3):
+        d = base_h[l].mean(0) - base_b[l].mean(0)
+        assert torch.allclose(seen["directions"][l], d / d.norm(), atol=1e-5)
+    metrics = _metrics(run)
+    assert len(metrics) == 6 and all("loss/dir" in r for r in metrics)
+    trained_h = _last_request_states(run, harmful, [2, 3])
+    for l in (2, 3):
+        d = seen["directions"][l]
+        moved = float(((trained_h[l] - base_h[l]) @ d).mean())
+        assert moved > 0.1 * float(base_h[l].norm(dim=-1).mean())

@@ -21,7 +21,7 @@ Splits a method may ask for (the data loader produces exactly the requested ones
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -112,6 +112,18 @@ class Method:
     def check_batch(self, batch: dict[str, SeqBatch]) -> None:
         """Raise RepbendError when the batch cannot give a meaningful loss (e.g. no unsafe rows)."""
 
+    def prepare(self, reference_states: "ReferenceStates") -> None:
+        """Called once before the first step (again on a resume: same reference, same rows, same result).
+
+        ``reference_states(split, kinds, need)`` runs the frozen reference, without gradients, over the
+        training rows of ``split`` whose ``kind`` is in ``kinds`` (``None`` = every kind), each row once
+        (before ``data.repeat_kinds``), in data-file order, and yields ``(SeqBatch, States)`` per batch;
+        ``reference_states(..., request_only=True)`` leaves the responses out (a causal model gives the
+        request tokens the same states either way; the pass is cheaper).
+        For statistics of the original model that the loss needs (e.g. a direction in its states).
+        Default: nothing.
+        """
+
     def trainable_layers(self) -> list[int] | None:
         """Decoder blocks (0-based) whose parameters may change; ``None`` = whatever the LoRA/FT config says."""
         return None
@@ -121,6 +133,8 @@ class Method:
         """Return the scalar loss and its logged parts (``{"loss/safe": ..., ...}``). ``progress`` in [0, 1]."""
         raise NotImplementedError
 
+
+ReferenceStates = Callable[..., Iterator[tuple[SeqBatch, States]]]  # (split, kinds, need, request_only=False)
 
 METHODS: Registry[type[Method]] = Registry("method")
 

@@ -1,6 +1,6 @@
 """RepBend: bend unsafe representations away, keep safe ones and the output distribution in place.
 
-    L = alpha * L_safe - beta * L_unsafe + gamma * L_cos + epsilon * L_KL + eta * L_pair
+    L = alpha * L_safe - beta * L_unsafe + gamma * L_cos + epsilon * L_KL + eta * L_pair - zeta * L_dir
 
 Exact normalisation (``P`` = trained/policy model, ``R`` = frozen reference, ``h_l(x)_t`` = hidden
 state ``l`` at token ``t``; hidden-state index 0 = embedding output, ``L`` = last block after the
@@ -27,6 +27,18 @@ final norm, see :mod:`repbend.methods.base`):
 * ``L_pair = mean_{l in target} mean_{(i, j)} ||h^P_l(unsafe_i)_{r_ij} - h^R_l(pair_i)_{r'_ij}||_2``
   where ``r_ij`` / ``r'_ij`` is the position of the j-th response token (j < ``pair_tokens``) of
   unsafe row i / its paired refusal row i; j runs up to the shorter of the two responses.
+
+* ``L_dir`` (not in the paper; off by default, ``zeta`` 0): a push of the unsafe states along a fixed
+  direction of the ORIGINAL model instead of in any direction. Before the first step (:meth:`RepBend.prepare`)
+  ``d_l = normalize(mean h^R_l(harmful) - mean h^R_l(safe))`` at the last request token of up to
+  ``direction_rows`` unsafe rows and of up to ``direction_rows`` safe rows of the kinds
+  ``direction_safe_kinds`` (benign and over-refusal-like requests; not the refusal rows, whose requests are
+  harmful) — the difference of means a linear probe reads harmfulness along. Then
+  ``L_dir = mean_{l in target} mean_{(b,t) in M_dir} min((h^P_l - h^R_l) . d_l, m_d ||h^R_l||_2)`` on the
+  unsafe rows, ``M_dir`` = ``direction_token_mode``'s tokens, ``m_d`` = ``direction_margin`` (null: no cap).
+  It enters with a minus sign: states move further along the direction that already separates harmful from
+  safe requests, which a network can do by amplifying that feature, i.e. also for harmful requests it was
+  not trained on; ``L_safe`` holds the safe rows where they were.
 
 A tiny hand-derived case (one layer, one safe token, hidden size 2): policy (3, 4), reference
 (0, 0) -> L_safe = 5. Two unsafe rows with policy last-request states (1, 0) and (0, 1) -> cos = 0
@@ -84,6 +96,18 @@ class RepBendConfig(Section):
         False, description="Leave out of L_unsafe each unsafe row's leading tokens that a safe/retain row of the "
                            "same step shares token for token (chat-template prefix): their states are the same "
                            "in both rows. Only matters for token modes that include request tokens.")
+    zeta: float = Field(0.0, ge=0, description="Weight of L_dir (push unsafe states along the original model's "
+                                                "harmful-minus-safe direction; enters with -); 0 = off. Not in the paper.")
+    direction_token_mode: TokenMode = Field("request_last", description="Tokens of the unsafe rows that L_dir pushes.")
+    direction_safe_kinds: list[str] = Field(
+        ["benign", "overrefusal"], min_length=1,
+        description="Kinds of safe rows whose mean is the 'safe' end of the L_dir direction (not 'refusal': those "
+                    "rows carry harmful requests).")
+    direction_rows: int = Field(512, ge=2, description="At most this many rows per side (data-file order) for the "
+                                                       "L_dir direction.")
+    direction_margin: float | None = Field(
+        0.5, gt=0, description="Cap each token's push along the L_dir direction at this multiple of the reference "
+                               "state's norm; null = no cap.")
     max_unsafe_ratio: float | None = Field(
         100.0, gt=0, description="Stop (DivergenceError) when L_unsafe exceeds this multiple of the reference "
                                  "states' mean norm; null disables the guard.")
@@ -163,6 +187,20 @@ def mean_l2(policy: States, reference: States, layers: list[int], mask: Tensor, 
     return torch.stack(per_layer).mean()
 
 
+def mean_projection(policy: States, reference: States, layers: list[int], mask: Tensor, directions: dict[int, Tensor],
+                    cap: float | None = None) -> Tensor:
+    """Mean over (layer, selected token) of ``(policy - reference) . d_l``, each capped at
+    ``cap * ||reference||_2`` of that token when ``cap`` is set (no lower bound: moving against ``d`` costs)."""
+    per_layer = []
+    for l in layers:
+        ref = reference.hidden[l][mask].float()
+        p = (policy.hidden[l][mask].float() - ref) @ directions[l].to(ref.device)
+        if cap is not None:
+            p = torch.minimum(p, cap * ref.norm(dim=-1))
+        per_layer.append(p.mean())
+    return torch.stack(per_layer).mean()
+
+
 def mean_offdiag_one_minus_cos(x: Tensor) -> Tensor:
     """mean_{i != j} (1 - cos(x_i, x_j)) for rows of ``x`` (n, H), n >= 2."""
     x = torch.nn.functional.normalize(x.float(), dim=-1)
@@ -198,14 +236,15 @@ class RepBend(Method):
         self.target = resolve_target_layers(config, num_layers)
         self.safe = list(range(num_layers + 1)) if config.safe_layers == "all" else self.target
         self.safe_mode = config.safe_token_mode or config.token_mode
+        self.directions: dict[int, Tensor] | None = None   # L_dir's unit direction per target layer (prepare)
 
     def needs(self) -> dict[str, Need]:
         c, t = self.config, tuple(self.target)
         out: dict[str, Need] = {}
         if c.alpha > 0:
             out["safe"] = Need(layers=tuple(self.safe), reference=True)
-        if c.beta > 0 or c.gamma > 0 or c.eta > 0:
-            out["unsafe"] = Need(layers=t, reference=c.beta > 0)
+        if c.beta > 0 or c.gamma > 0 or c.eta > 0 or c.zeta > 0:
+            out["unsafe"] = Need(layers=t, reference=c.beta > 0 or c.zeta > 0)
         if c.epsilon > 0:
             out["retain"] = Need(logits=True, reference=True)
         if c.eta > 0:
@@ -216,12 +255,42 @@ class RepBend(Method):
         """Blocks 0..max(target) (0-based), as the reference code's "layers up to the last target layer"."""
         return list(range(min(max(self.target) + 1, self.num_layers)))
 
+    def prepare(self, reference_states) -> None:
+        """L_dir's directions (zeta > 0): difference of the reference's mean last-request states, harmful - safe."""
+        c = self.config
+        if c.zeta <= 0:
+            return
+        need = Need(layers=tuple(self.target), reference=True)
+        means = {}
+        for side, split, kinds in (("unsafe", "unsafe", None), ("safe", "safe", c.direction_safe_kinds)):
+            sums, n = {l: torch.zeros(self.hidden_size, dtype=torch.float64) for l in self.target}, 0
+            for rows, st in reference_states(split, kinds, need, request_only=True):
+                take = min(rows.size, c.direction_rows - n)
+                if take <= 0:
+                    break
+                idx = torch.arange(take, device=rows.input_ids.device)
+                for l in self.target:
+                    sums[l] += st.hidden[l][idx, rows.last_request_index[:take]].double().sum(0).cpu()
+                n += take
+            if n == 0:
+                what = f"safe rows of kind {', '.join(c.direction_safe_kinds)}" if side == "safe" else "unsafe rows"
+                raise RepbendError(f"L_dir (zeta > 0) needs {what} in the training data to find its direction; "
+                                   f"set method.params.direction_safe_kinds to kinds the data has, or zeta 0.")
+            means[side] = {l: v / n for l, v in sums.items()}
+        self.directions = {}
+        for l in self.target:
+            diff = means["unsafe"][l] - means["safe"][l]
+            if float(diff.norm()) == 0.0:
+                raise RepbendError(f"L_dir: the harmful and safe mean states are identical at hidden state {l}; "
+                                   f"there is no direction to push along (check the data), or set zeta 0.")
+            self.directions[l] = (diff / diff.norm()).float()
+
     def check_batch(self, batch: dict[str, SeqBatch]) -> None:
         c = self.config
         for split in self.needs():
             if split not in batch or batch[split].size == 0:
                 raise RepbendError(f"The batch has no {split!r} rows but the repbend loss needs them "
-                                   f"(alpha/beta/gamma/epsilon/eta > 0); add {split} rows to the data or set that "
+                                   f"(alpha/beta/gamma/epsilon/eta/zeta > 0); add {split} rows to the data or set that "
                                    f"weight to 0.")
         for split in ("safe", "unsafe"):
             mode, field = (self.safe_mode, "safe_token_mode") if split == "safe" else (c.token_mode, "token_mode")
@@ -268,6 +337,15 @@ class RepBend(Method):
             l_kl = kl_ref_policy(policy["retain"].logits_at(m), reference["retain"].logits_at(m), c.kl_temperature)
             loss = loss + c.epsilon * l_kl
             parts["loss/kl"] = l_kl.item()
+        if c.zeta > 0:
+            if self.directions is None:
+                raise RepbendError("L_dir (zeta > 0) has no direction: call prepare() before the loss (the trainer "
+                                   "does this before the first step).")
+            m = token_mask(batch["unsafe"], c.direction_token_mode, c.k)
+            l_dir = mean_projection(policy["unsafe"], reference["unsafe"], self.target, m, self.directions,
+                                    cap=c.direction_margin)
+            loss = loss - c.zeta * l_dir
+            parts["loss/dir"] = l_dir.item()
         if c.eta > 0:
             l_pair = self._pair(batch, policy["unsafe"], reference["pair"])
             loss = loss + c.eta * l_pair

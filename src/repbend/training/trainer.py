@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from repbend.errors import ConfigError, DivergenceError, RepbendError
 from repbend.io import write_run_info
-from repbend.methods.base import Need
+from repbend.methods.base import Need, ReferenceStates
 from repbend.seeding import seed_everything
 from repbend.training.checkpoint import TrainState, only_trainable_hook, prepare_run_dir, save_checkpoint
 from repbend.training.config import TrainConfig, check_train_config, method_class, model_shape
@@ -63,6 +63,28 @@ class Run:
         loss, parts = self.method(splits, policy, reference, progress)
         tokens = int(batch.attention_mask.sum())
         return loss, parts, tokens
+
+    def reference_states_fn(self, rows, tokenizer, max_request_tokens: int, max_response_tokens: int,
+                            batch_size: int = 8) -> ReferenceStates:
+        """The ``reference_states(split, kinds, need)`` function of :meth:`Method.prepare` over ``rows``.
+
+        Every process runs every row (the statistics come out the same on each rank without a gather; a
+        sharded reference needs every rank in every forward anyway)."""
+
+        def states(split, kinds, need, request_only=False):
+            chosen = [r for r in rows if r.get("split") == split and (kinds is None or r.get("kind") in kinds)]
+            if request_only:  # prompt + generation header only: the request's states are the same, the pass cheaper
+                chosen = [{**r, "response": None} for r in chosen]
+            enc = encode_rows(tokenizer, chosen, max_request_tokens, max_response_tokens, f"encode {split}")
+            for i in tqdm(range(0, len(enc), batch_size), desc=f"reference states ({split})", leave=False,
+                          disable=not self.acc.is_main_process):
+                batch, spans, splits = self.batch({split: enc[i:i + batch_size]})
+                with torch.no_grad(), self.ref_context(), self.acc.autocast():
+                    st = forward_states(self.reference_model, batch, spans, {split: need}, self.ref_head,
+                                        self.full_logits)
+                yield splits[split], st[split]
+
+        return states
 
     @torch.no_grad()
     def probe(self, items) -> list[dict]:
@@ -121,7 +143,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         raise ConfigError("Invalid training config: " + "; ".join(errors))
     ckpt = prepare_run_dir(cfg, resume)
     method_cls, method_cfg = method_class(cfg.method.name), cfg.method.build_config()
-    rows = repeat_kinds(load_rows(cfg.data.dir), cfg.data.repeat_kinds)
+    base_rows = load_rows(cfg.data.dir)
+    rows = repeat_kinds(base_rows, cfg.data.repeat_kinds)
     if shape is not None:
         split_rows(rows, list(method_cls(method_cfg, *shape).needs()))
     # cpu=True without CUDA: accelerate then sees torchrun's WORLD_SIZE and uses gloo (MULTI_CPU)
@@ -149,6 +172,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     run = Run(acc, model, reference, pair.reference_context(unwrapped), method, pair.tokenizer.pad_token_id, sharded)
     check_items = {k: v for k, v in StepSampler(pools, cfg.data.batch_size, tc.seed).next().items()}
     method.check_batch(run.batch(check_items)[2])  # bad data fails here, before the first step
+    method.prepare(run.reference_states_fn(base_rows, pair.tokenizer, cfg.data.max_request_tokens,
+                                           cfg.data.max_response_tokens))
     tele = Telemetry(run_dir, enabled=acc.is_main_process)
     if ckpt is not None:
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED  # DS loads its own full checkpoint
