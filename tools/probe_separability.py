@@ -13,6 +13,9 @@ over-refusal-train rows), tested on requests it never saw:
 * safe: the over-refusal set's held-out `val` (48) and `eval` (108) parts: XSTest-style prompts with
   alarming words, the prompts on which over-refusal compliance is measured.
 
+Also per layer: the same scores for the plain difference of the training means (harmful - safe; no
+fitted weights), the direction RepBend's optional L_dir term pushes along (docs/TUNING.md, round 19).
+
 A baseline with no model states (logistic regression on which tokens a prompt contains) shows how far
 words alone go. Printed per layer: AUROC, and the share of harmful behaviours caught at the best threshold that flags at
 most 5% of the held-out over-refusal prompts (the targets allow 5 points of over-refusal compliance;
@@ -195,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         m = fit_logreg(x_tr[:, layer], y, l2)
         s = {k: score(m, v[:, layer]) for k, v in states.items() if not k.startswith("train")}
         row = {"layer": layer, "l2": l2, **separation(s)}
+        # the difference of the training means alone (no fitted weights): the direction RepBend's L_dir pushes along
+        d = x_tr[y == 1, layer].mean(0) - x_tr[y == 0, layer].mean(0)
+        row["diff_means"] = separation({k: v[:, layer] @ d for k, v in states.items() if not k.startswith("train")})
         if complied is not None and complied.any():
             row["caught_test_complied"] = caught_at_fpr(s["hb_test"][complied], s["or_eval"], MAX_FPR)[0]
         table.append(row)
@@ -207,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
                                            "bag_of_tokens": words, "layers": table})
     print(f"sizes: {({k: len(v) for k, v in sets.items()})}")
     head = "layer  AUROC val  AUROC test  caught@5%FPR val  test" + ("  test(complied)" if complied is not None else "")
-    print(head)
+    print(head + "  | difference of means: AUROC val  test  caught val  test")
     for r in table:
         extra = f"  {100 * r['caught_test_complied']:14.1f}" if "caught_test_complied" in r else ""
+        dm = r["diff_means"]
         print(f"{r['layer']:5d}  {r['auroc_val']:9.3f}  {r['auroc_test']:10.3f}  {100 * r['caught_val']:16.1f}"
-              f"  {100 * r['caught_test']:4.1f}{extra}")
+              f"  {100 * r['caught_test']:4.1f}{extra}  | {dm['auroc_val']:26.3f}  {dm['auroc_test']:.3f}"
+              f"  {100 * dm['caught_val']:10.1f}  {100 * dm['caught_test']:4.1f}")
     print(f"bag of tokens (no model states): AUROC val {words['auroc_val']:.3f} test {words['auroc_test']:.3f}, "
           f"caught@5%FPR val {100 * words['caught_val']:.1f} test {100 * words['caught_test']:.1f}")
     _plot(table, out / "probe.png", a.strip_final_punct, int(complied.sum()) if complied is not None else 0)

@@ -13,6 +13,7 @@ ATTACKS.register("embedding", "repbend.evaluation.attacks.embedding:EmbeddingAtt
 ATTACKS.register("gcg", "repbend.evaluation.attacks.gcg:GCGAttack")
 ATTACKS.register("gcg_transfer", "repbend.evaluation.attacks.gcg:GCGTransfer")
 ATTACKS.register("refusal_ablation", "repbend.evaluation.attacks.refusal_direction:RefusalAblation")
+ATTACKS.register("steering", "repbend.evaluation.attacks.steering:Steering")
 ATTACKS.register("relearn", "repbend.evaluation.attacks.relearn:Relearn")
 
 __all__ = ["ATTACKS"]

@@ -197,7 +197,7 @@ class RefusalAblation(Attack):
         c = self.config
         rng = random.Random(c.seed)
         harmful = [g for g, _ in wb.advbench_pairs(exclude=behaviours)]
-        harmless = wb.harmless_prompts()
+        harmless = list(wb.harmless_prompts())   # a copy: the shuffle below must not reorder the caller's list
         rng.shuffle(harmful)
         rng.shuffle(harmless)
         if len(harmful) < c.n_train + c.n_val or len(harmless) < c.n_train:
