@@ -234,20 +234,25 @@ def _plot(table: list[dict], path: Path, stripped: bool, n_complied: int) -> Non
 
     layers = [r["layer"] for r in table]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a1.plot(layers, [r["auroc_val"] for r in table], label="validation (HarmBench val vs over-refusal val)")
-    a1.plot(layers, [r["auroc_test"] for r in table], label="test (HarmBench test vs over-refusal eval)")
+    a1.plot(layers, [r["auroc_val"] for r in table], label="logistic probe, validation (HarmBench val vs over-refusal val)")
+    a1.plot(layers, [r["auroc_test"] for r in table], label="logistic probe, test (HarmBench test vs over-refusal eval)")
+    if "diff_means" in table[0]:
+        a1.plot(layers, [r["diff_means"]["auroc_test"] for r in table], "k-.", lw=1,
+                label="test, difference of means (no fitted weights)")
+        a2.plot(layers, [100 * r["diff_means"]["caught_test"] for r in table], "k-.", lw=1,
+                label="test, difference of means")
     a1.set(xlabel="hidden state", ylabel="AUROC", title="harmful vs look-alike safe requests", ylim=(0.5, 1.0))
     a1.legend(fontsize=7)
-    a2.plot(layers, [100 * r["caught_val"] for r in table], label="validation")
-    a2.plot(layers, [100 * r["caught_test"] for r in table], label="test")
+    a2.plot(layers, [100 * r["caught_val"] for r in table], label="logistic probe, validation")
+    a2.plot(layers, [100 * r["caught_test"] for r in table], label="logistic probe, test")
     if "caught_test_complied" in table[0]:
-        a2.plot(layers, [100 * r["caught_test_complied"] for r in table], "--", label=f"test, original complied (n={n_complied})")
+        a2.plot(layers, [100 * r["caught_test_complied"] for r in table], "--", label=f"logistic probe, test, original complied (n={n_complied})")
     a2.axhline(90, color="grey", lw=0.8, ls=":")
     a2.text(0, 91, "90% (the ASR target)", fontsize=7, color="grey")
     a2.set(xlabel="hidden state", ylabel="% harmful caught", ylim=(0, 100),
            title=f"caught with <= {100 * MAX_FPR:.0f}% over-refusal prompts flagged")
     a2.legend(fontsize=7)
-    fig.suptitle("Linear probe on the original model's last-prompt-token state"
+    fig.suptitle("Linear read-outs of the original model's last-prompt-token state"
                  + (" (every prompt's final ?/./! stripped)" if stripped else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
