@@ -47,3 +47,26 @@ def test_gcg_one_step_keeps_a_consistent_suffix(default_target, jbb_behaviour):
     suffix = out[0].meta["suffix_ids"]
     assert any(ids[i:i + len(suffix)] == suffix for i in range(len(ids)))
     assert out[0].meta["best_loss"] <= out[0].meta["losses"][0] + 1e-9 and out[0].meta["steps"] == 1
+
+
+def test_steering_moves_the_real_model_and_is_reproducible(default_target, jbb_behaviour, tmp_path):
+    """On SmolLM2: the steer at hidden state 15 (where the white-box suite's validation lands) changes the answer,
+    leaves the model as it was, and a fresh run with the same seed recomputes the same steer (its answers come from
+    the target's generation cache, keyed on the steer)."""
+    import torch
+
+    from repbend.evaluation.attacks.steering import Steering, SteeringConfig
+    from repbend.evaluation.store import Store
+    from repbend.evaluation.types import Conversation
+
+    cfg = SteeringConfig(n_train=8, n_val=2, layers=[15], coefficients=[1.0], val_max_new_tokens=8)
+    logits_before = default_target.model(input_ids=torch.tensor([[1, 2, 3]])).logits.detach()
+    out = Steering(cfg).run([jbb_behaviour], default_target, default_target.store)
+    assert out[0].variant == "layer15_c1" and out[0].meta["gap"] > 1.0
+    direct = default_target.generate([Conversation(jbb_behaviour.id, "direct", "",
+                                                   [{"role": "user", "content": jbb_behaviour.full_prompt}])],
+                                     default_target.settings)[0][0]
+    assert out[0].text.strip() and out[0].text != direct
+    torch.testing.assert_close(default_target.model(input_ids=torch.tensor([[1, 2, 3]])).logits.detach(), logits_before)
+    again = Steering(cfg).run([jbb_behaviour], default_target, Store(tmp_path / "fresh.jsonl"))
+    assert again[0].meta["gap"] == pytest.approx(out[0].meta["gap"]) and again[0].variant == out[0].variant
