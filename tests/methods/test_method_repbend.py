@@ -293,7 +293,7 @@ def test_direction_is_the_normalised_difference_of_harmful_and_safe_means_withou
         ("safe", "benign"): [[0.0, 2.0]], ("safe", "overrefusal"): [[0.0, 0.0]],  # mean (0, 1)
         ("safe", "refusal"): [[100.0, -100.0]]})                                 # harmful request: left out
     m.prepare(states)
-    assert calls == [("unsafe", None), ("safe", ("benign", "overrefusal"))]
+    assert calls == [("safe", ("benign", "overrefusal")), ("unsafe", None)]
     # (3, 2) - (0, 1) = (3, 1) -> (3, 1) / sqrt(10)
     assert torch.allclose(m.directions[1], torch.tensor([3.0, 1.0]) / math.sqrt(10))
     # L_dir on one unsafe row moved by (1, 1) from its reference: (1, 1) . d = 4 / sqrt(10); the loss is -zeta * that

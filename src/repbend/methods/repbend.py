@@ -262,7 +262,8 @@ class RepBend(Method):
             return
         need = Need(layers=tuple(self.target), reference=True)
         means = {}
-        for side, split, kinds in (("unsafe", "unsafe", None), ("safe", "safe", c.direction_safe_kinds)):
+        # the safe side first: a kind the data lacks fails before the longer unsafe pass
+        for side, split, kinds in (("safe", "safe", c.direction_safe_kinds), ("unsafe", "unsafe", None)):
             sums, n = {l: torch.zeros(self.hidden_size, dtype=torch.float64) for l in self.target}, 0
             for rows, st in reference_states(split, kinds, need, request_only=True):
                 take = min(rows.size, c.direction_rows - n)
