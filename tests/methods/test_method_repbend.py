@@ -351,3 +351,23 @@ def test_direction_bad_input_is_a_clear_error():
         RepBend(cfg.model_copy(update={"direction_safe_kinds": ["benign"]}), 1, 2).prepare(same)
     # zeta 0: prepare does not even ask for states
     RepBend(RepBendConfig(target_layers=[1]), 1, 2).prepare(lambda *a: (_ for _ in ()).throw(AssertionError("called")))
+
+
+def test_steer_state_shift_is_minus_c_times_the_mean_difference_and_enters_the_unsafe_need():
+    cfg = RepBendConfig(alpha=0, beta=1, gamma=0, epsilon=0, target_layers=[2], steer_state=1, steer_coefficient=2.0,
+                        token_mode="request_last")
+    m = RepBend(cfg, num_layers=3, hidden_size=2)
+    assert m.needs()["unsafe"].shift is None                      # before prepare: nothing to add yet
+    states, calls = _fake_reference_states({("unsafe", "harmful"): [[4.0, 1.0], [2.0, 3.0]],   # mean (3, 2)
+                                            ("safe", "benign"): [[0.0, 2.0]], ("safe", "overrefusal"): [[0.0, 0.0]],
+                                            ("safe", "refusal"): [[100.0, -100.0]]})
+    m.prepare(states)
+    torch.testing.assert_close(m.steer_shift, -2.0 * torch.tensor([3.0, 1.0]))
+    need = m.needs()["unsafe"]
+    assert set(need.shift) == {1} and need.reference and m.directions is None   # zeta 0: no L_dir directions
+    with pytest.raises(RepbendError, match="out of range"):
+        RepBend(RepBendConfig(target_layers=[2], steer_state=3), 3, 2).prepare(states)
+    one = collate([Encoded([5], 1, 0)], pad_id=0)
+    st = {"unsafe": States(hidden={2: torch.zeros(1, 1, 2)})}
+    with pytest.raises(RepbendError, match="call prepare"):
+        RepBend(cfg, 3, 2)({"unsafe": one}, st, st, 0.0)

@@ -270,3 +270,48 @@ def test_direction_term_uses_the_original_models_states_and_bends_along_them(tin
         d = seen["directions"][l]
         moved = float(((trained_h[l] - base_h[l]) @ d).mean())
         assert moved > 0.1 * float(base_h[l].norm(dim=-1).mean())
+
+
+def test_row_shifts_move_only_the_selected_rows_from_that_block_on(tiny_model):
+    from repbend.training.forward import row_shifts
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    shift = torch.randn(tiny_model.config.hidden_size)
+    with torch.no_grad():
+        plain = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
+        with row_shifts(tiny_model, 3, [(slice(1, 2), {2: shift})]):
+            moved = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
+        again = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
+    for l in (0, 1, 2):
+        torch.testing.assert_close(moved[l], plain[l])            # up to the hooked block's own recorded state
+    assert not torch.allclose(moved[3][1], plain[3][1])           # the shifted row, from the next block on
+    torch.testing.assert_close(moved[3][[0, 2]], plain[3][[0, 2]])  # the other rows untouched
+    torch.testing.assert_close(again[4], plain[4])                # hooks removed
+    with pytest.raises(RepbendError, match="out of range"):
+        with row_shifts(tiny_model, 3, [(slice(0, 1), {4: shift})]):
+            pass
+
+
+def test_steer_state_trains_on_steered_unsafe_rows_in_both_passes(tiny_model_dir, built_dir, tmp_path, monkeypatch):
+    """Every training forward pass (policy and reference) steers exactly the unsafe rows at state 1; with full
+    fine-tuning the first step's policy equals the reference, so L_unsafe is exactly 0 at step 1 (a one-sided steer
+    would already show), and later steps bend."""
+    import repbend.training.forward as fwd
+
+    seen = []
+    real = fwd.row_shifts
+
+    def spy(model, n_rows, shifts):
+        seen.append([(rows, sorted(by)) for rows, by in shifts])
+        return real(model, n_rows, shifts)
+
+    monkeypatch.setattr(fwd, "row_shifts", spy)
+    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=4, lr=1e-3).model_dump()
+    del data["lora"]
+    data["method"]["params"].update(steer_state=1, steer_coefficient=4.0)
+    run = train(TrainConfig.model_validate({**data, "full_finetune": True}))
+    rows = _metrics(run)
+    assert float(rows[0]["loss/unsafe"]) == 0.0 and float(rows[-1]["loss/unsafe"]) > 0.0
+    steered = [call for call in seen if call]
+    # 4 steps x (reference + policy) + the telemetry/eval passes never steer; batch order safe, unsafe, retain -> rows 2..3
+    assert len(steered) >= 8 and all(call == [(slice(2, 4), [1])] for call in steered)

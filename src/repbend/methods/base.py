@@ -64,6 +64,9 @@ class Need:
     logits: bool = False           # True -> States.logits_at() is available
     reference: bool = False        # also compute these from the frozen reference model (no grad)
     policy: bool = True            # compute these from the trained model (False: reference-only split, e.g. `pair`)
+    # {hidden-state index l: vector (H,)} added to the output of block l at every position of this split's rows, in
+    # every pass over them (policy and reference); None = the model as it is. (RepBend's steer_state option.)
+    shift: dict[int, Tensor] | None = field(default=None, compare=False)
 
 
 @dataclass

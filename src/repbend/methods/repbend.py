@@ -40,6 +40,12 @@ final norm, see :mod:`repbend.methods.base`):
   safe requests, which a network can do by amplifying that feature, i.e. also for harmful requests it was
   not trained on; ``L_safe`` holds the safe rows where they were.
 
+* ``steer_state`` (not in the paper; off by default): training against activation steering. ``prepare`` also takes
+  ``s = -steer_coefficient * (mean h^R_k(harmful) - mean h^R_k(safe))`` at hidden state ``k = steer_state`` (same rows
+  as L_dir), and every pass over the unsafe rows (policy and reference) adds ``s`` to hidden state ``k`` at every
+  position — the `steering` attack's shift. L_unsafe / L_cos / L_dir then act on the steered unsafe rows: the bent
+  layers above ``k`` must disrupt harmful requests even when a steer has moved them to the safe mean at ``k``.
+
 A tiny hand-derived case (one layer, one safe token, hidden size 2): policy (3, 4), reference
 (0, 0) -> L_safe = 5. Two unsafe rows with policy last-request states (1, 0) and (0, 1) -> cos = 0
 for both ordered pairs -> L_cos = 1. Reference logits (0, 0), policy logits (2 ln 3, 0) at T = 2:
@@ -108,6 +114,13 @@ class RepBendConfig(Section):
     direction_margin: float | None = Field(
         0.5, gt=0, description="Cap each token's push along the L_dir direction at this multiple of the reference "
                                "state's norm; null = no cap.")
+    steer_state: int | None = Field(
+        None, ge=1, description="Train against activation steering (not in the paper; null = off): the unsafe rows are "
+                                "run, in both passes, with hidden state steer_state shifted by -steer_coefficient x "
+                                "(mean harmful - mean safe) of the original's last-request states, so the bent layers "
+                                "must disrupt harmful requests that a steer made look harmless there.")
+    steer_coefficient: float = Field(1.0, gt=0, description="Strength of the steer_state shift (1 = the harmful mean "
+                                                            "moved onto the safe mean).")
     max_unsafe_ratio: float | None = Field(
         100.0, gt=0, description="Stop (DivergenceError) when L_unsafe exceeds this multiple of the reference "
                                  "states' mean norm; null disables the guard.")
@@ -237,6 +250,7 @@ class RepBend(Method):
         self.safe = list(range(num_layers + 1)) if config.safe_layers == "all" else self.target
         self.safe_mode = config.safe_token_mode or config.token_mode
         self.directions: dict[int, Tensor] | None = None   # L_dir's unit direction per target layer (prepare)
+        self.steer_shift: Tensor | None = None              # steer_state's shift vector (prepare)
 
     def needs(self) -> dict[str, Need]:
         c, t = self.config, tuple(self.target)
@@ -244,7 +258,8 @@ class RepBend(Method):
         if c.alpha > 0:
             out["safe"] = Need(layers=tuple(self.safe), reference=True)
         if c.beta > 0 or c.gamma > 0 or c.eta > 0 or c.zeta > 0:
-            out["unsafe"] = Need(layers=t, reference=c.beta > 0 or c.zeta > 0)
+            shift = {c.steer_state: self.steer_shift} if self.steer_shift is not None else None
+            out["unsafe"] = Need(layers=t, reference=c.beta > 0 or c.zeta > 0, shift=shift)
         if c.epsilon > 0:
             out["retain"] = Need(logits=True, reference=True)
         if c.eta > 0:
@@ -256,28 +271,38 @@ class RepBend(Method):
         return list(range(min(max(self.target) + 1, self.num_layers)))
 
     def prepare(self, reference_states) -> None:
-        """L_dir's directions (zeta > 0): difference of the reference's mean last-request states, harmful - safe."""
+        """Differences of the reference's mean last-request states, harmful - safe: L_dir's directions (zeta > 0) and
+        the steer_state shift."""
         c = self.config
-        if c.zeta <= 0:
+        if c.zeta <= 0 and c.steer_state is None:
             return
-        need = Need(layers=tuple(self.target), reference=True)
+        if c.steer_state is not None and not 1 <= c.steer_state <= self.num_layers - 1:
+            raise RepbendError(f"method.params.steer_state {c.steer_state} is out of range 1..{self.num_layers - 1} "
+                               f"(block outputs of this {self.num_layers}-block model).")
+        layers = sorted(set(self.target) | ({c.steer_state} if c.steer_state is not None else set()))
+        need = Need(layers=tuple(layers), reference=True)
         means = {}
         # the safe side first: a kind the data lacks fails before the longer unsafe pass
         for side, split, kinds in (("safe", "safe", c.direction_safe_kinds), ("unsafe", "unsafe", None)):
-            sums, n = {l: torch.zeros(self.hidden_size, dtype=torch.float64) for l in self.target}, 0
+            sums, n = {l: torch.zeros(self.hidden_size, dtype=torch.float64) for l in layers}, 0
             for rows, st in reference_states(split, kinds, need, request_only=True):
                 take = min(rows.size, c.direction_rows - n)
                 if take <= 0:
                     break
                 idx = torch.arange(take, device=rows.input_ids.device)
-                for l in self.target:
+                for l in layers:
                     sums[l] += st.hidden[l][idx, rows.last_request_index[:take]].double().sum(0).cpu()
                 n += take
             if n == 0:
                 what = f"safe rows of kind {', '.join(c.direction_safe_kinds)}" if side == "safe" else "unsafe rows"
-                raise RepbendError(f"L_dir (zeta > 0) needs {what} in the training data to find its direction; "
-                                   f"set method.params.direction_safe_kinds to kinds the data has, or zeta 0.")
+                raise RepbendError(f"L_dir / steer_state need {what} in the training data to find their direction; "
+                                   f"set method.params.direction_safe_kinds to kinds the data has, or turn them off.")
             means[side] = {l: v / n for l, v in sums.items()}
+        if c.steer_state is not None:
+            l = c.steer_state
+            self.steer_shift = (-c.steer_coefficient * (means["unsafe"][l] - means["safe"][l])).float()
+        if c.zeta <= 0:
+            return
         self.directions = {}
         for l in self.target:
             diff = means["unsafe"][l] - means["safe"][l]
@@ -308,6 +333,9 @@ class RepBend(Method):
                  progress: float) -> tuple[Tensor, dict[str, float]]:
         c = self.config
         self.check_batch(batch)
+        if c.steer_state is not None and self.steer_shift is None:
+            raise RepbendError("steer_state is set but its shift was not computed: call prepare() before the loss (the "
+                               "trainer does this before the first step).")
         loss = torch.zeros((), device=batch[next(iter(batch))].input_ids.device)
         parts: dict[str, float] = {}
         if c.alpha > 0:

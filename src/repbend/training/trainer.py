@@ -44,7 +44,11 @@ class Run:
         self.head = head_fn(unwrapped.get_output_embeddings())
         ref_head = head_fn((reference or unwrapped).get_output_embeddings())
         self.ref_head = lambda x: _in(ref_context, ref_head, x)
-        needs = method.needs()
+        self.refresh_needs()
+
+    def refresh_needs(self) -> None:
+        """Re-read the method's needs (after ``prepare``, which may add e.g. a row shift)."""
+        needs = self.method.needs()
         self.policy_needs = {s: n for s, n in needs.items() if n.policy}
         self.reference_needs = {s: n for s, n in needs.items() if n.reference}
 
@@ -174,6 +178,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     method.check_batch(run.batch(check_items)[2])  # bad data fails here, before the first step
     method.prepare(run.reference_states_fn(base_rows, pair.tokenizer, cfg.data.max_request_tokens,
                                            cfg.data.max_response_tokens))
+    run.refresh_needs()
     tele = Telemetry(run_dir, enabled=acc.is_main_process)
     if ckpt is not None:
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED  # DS loads its own full checkpoint
