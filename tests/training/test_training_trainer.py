@@ -279,7 +279,7 @@ def test_row_shifts_move_only_the_selected_rows_from_that_block_on(tiny_model):
     shift = torch.randn(tiny_model.config.hidden_size)
     with torch.no_grad():
         plain = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
-        with row_shifts(tiny_model, 3, [(slice(1, 2), {2: shift})]):
+        with row_shifts(tiny_model, [(slice(1, 2), {2: shift})]):
             moved = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
         again = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
     for l in (0, 1, 2):
@@ -288,7 +288,7 @@ def test_row_shifts_move_only_the_selected_rows_from_that_block_on(tiny_model):
     torch.testing.assert_close(moved[3][[0, 2]], plain[3][[0, 2]])  # the other rows untouched
     torch.testing.assert_close(again[4], plain[4])                # hooks removed
     with pytest.raises(RepbendError, match="out of range"):
-        with row_shifts(tiny_model, 3, [(slice(0, 1), {4: shift})]):
+        with row_shifts(tiny_model, [(slice(0, 1), {4: shift})]):
             pass
 
 
@@ -301,9 +301,9 @@ def test_steer_state_trains_on_steered_unsafe_rows_in_both_passes(tiny_model_dir
     seen = []
     real = fwd.row_shifts
 
-    def spy(model, n_rows, shifts):
+    def spy(model, shifts):
         seen.append([(rows, sorted(by)) for rows, by in shifts])
-        return real(model, n_rows, shifts)
+        return real(model, shifts)
 
     monkeypatch.setattr(fwd, "row_shifts", spy)
     data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=4, lr=1e-3).model_dump()

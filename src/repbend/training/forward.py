@@ -10,14 +10,13 @@ logits inside it for the splits that need them (more memory, same numbers).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from repbend.errors import RepbendError
 from repbend.methods.base import Need, SeqBatch, States
+from repbend.models.hooks import shift_block_outputs as row_shifts
 from repbend.training.data import select_rows
 
 
@@ -31,43 +30,6 @@ def head_fn(lm_head: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     return apply
 
 
-@contextlib.contextmanager
-def row_shifts(model, n_rows: int, shifts: list[tuple[slice, dict[int, Tensor]]]) -> Iterator[None]:
-    """For each ``(rows, {l: vector})`` of ``shifts`` add the vector to the output of decoder block ``l`` (hidden
-    state ``l``, 1..L-1) for those rows, at every position, for the duration of the block (forward hooks, always
-    removed). The hidden state the model reports for ``l`` itself may be taken before the hook (transformers records
-    it with its own hooks); every later state sees the shift."""
-    if not shifts:
-        yield
-        return
-    from repbend.evaluation.attacks.refusal_direction import decoder_layers
-
-    blocks = decoder_layers(getattr(model, "module", model))   # DDP / DeepSpeed wrap the model in .module
-    per_layer: dict[int, list[tuple[slice, Tensor]]] = {}
-    for rows, by_layer in shifts:
-        for l, vec in by_layer.items():
-            if not 1 <= l <= len(blocks) - 1:
-                raise RepbendError(f"A row shift at hidden state {l} is out of range 1..{len(blocks) - 1} (block outputs).")
-            per_layer.setdefault(l, []).append((rows, vec))
-
-    def make_hook(items):
-        def hook(_m, _inp, out):
-            h = out[0] if isinstance(out, tuple) else out
-            add = torch.zeros(n_rows, 1, h.shape[-1], dtype=h.dtype, device=h.device)
-            for rows, vec in items:
-                add[rows] = vec.to(device=h.device, dtype=h.dtype)
-            h = h + add
-            return (h, *out[1:]) if isinstance(out, tuple) else h
-        return hook
-
-    handles = [blocks[l - 1].register_forward_hook(make_hook(items)) for l, items in per_layer.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def forward_states(model, batch: SeqBatch, spans: dict[str, slice], needs: dict[str, Need],
                    head: Callable[[Tensor], Tensor], full_logits: bool = False) -> dict[str, States]:
     """Run ``model`` once over the rows of the splits in ``needs``; return ``{split: States}``."""
@@ -75,7 +37,7 @@ def forward_states(model, batch: SeqBatch, spans: dict[str, slice], needs: dict[
         return {}
     sub, sub_spans = select_rows(batch, spans, list(needs))
     want_logits = any(n.logits for n in needs.values())
-    with row_shifts(model, sub.input_ids.shape[0], [(sub_spans[s], n.shift) for s, n in needs.items() if n.shift]):
+    with row_shifts(model, [(sub_spans[s], n.shift) for s, n in needs.items() if n.shift]):
         out = model(input_ids=sub.input_ids, attention_mask=sub.attention_mask, output_hidden_states=True,
                     use_cache=False, logits_to_keep=0 if (full_logits and want_logits) else 1)
     hidden = out.hidden_states

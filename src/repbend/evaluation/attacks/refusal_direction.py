@@ -33,6 +33,7 @@ from repbend.errors import RepbendError
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.store import make_key
 from repbend.evaluation.types import Attack, Behaviour, Completion, Conversation, GenSettings
+from repbend.models.hooks import decoder_layers
 
 WRITE_MODULES = ("self_attn.o_proj", "mlp.down_proj")
 REFUSAL_OPENERS = ("I", "Sorry", "As", "Unfortunately", "I'm", "No")
@@ -48,15 +49,6 @@ class RefusalAblationConfig(Section):
     batch_size: int = Field(16, description="Requests per forward pass when collecting activations.")
     max_new_tokens: int | None = Field(None, description="Answer length of the attack; default: the suite's.")
     seed: int = Field(0, description="Seed for the choice of training/validation requests.")
-
-
-def decoder_layers(model: Any) -> Any:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise RepbendError("Attack 'refusal_ablation' supports decoder models with a .layers list (Llama, Mistral, "
-                           "Qwen); this model has none.")
-    return layers
 
 
 @torch.no_grad()
@@ -76,6 +68,39 @@ def last_token_states(model: Any, tokenizer: Any, prompts: list[str], batch_size
         hs = model(input_ids=x, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
         out.append(torch.stack([h[:, -1].float() for h in hs]))
     return torch.cat(out, dim=1)
+
+
+def candidate_layers(attack: str, layers: list[int] | None, n_candidates: int, num_layers: int) -> list[int]:
+    """The given hidden-state indices (checked to be block outputs 1..L-1), or ``n_candidates`` evenly spaced over
+    25%..75% of the depth."""
+    if layers:
+        bad = [i for i in layers if not 1 <= i <= num_layers - 1]
+        if bad:
+            raise RepbendError(f"Attack '{attack}': layers {bad} out of range; use hidden-state indices "
+                               f"1..{num_layers - 1} (block outputs).")
+        return sorted(set(layers))
+    lo, hi = max(1, round(num_layers * 0.25)), max(1, round(num_layers * 0.75))
+    n = min(n_candidates, hi - lo + 1)
+    return sorted({round(lo + i * (hi - lo) / max(1, n - 1)) for i in range(n)})
+
+
+def contrast_states(attack: str, model: Any, tokenizer: Any, behaviours: list[Behaviour], cfg: Any,
+                    cost: wb.Cost) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Last-prompt-token states [L+1, n_train, d] of ``cfg.n_train`` harmful (AdvBench minus the evaluation behaviours)
+    and harmless (project) requests, seeded by ``cfg.seed``, and the next ``cfg.n_val`` harmful requests for
+    validation. Call inside ``wb.frozen(model)``."""
+    rng = random.Random(cfg.seed)
+    harmful = [g for g, _ in wb.advbench_pairs(exclude=behaviours)]
+    harmless = list(wb.harmless_prompts())   # a copy: the shuffle below must not reorder the caller's list
+    rng.shuffle(harmful)
+    rng.shuffle(harmless)
+    if len(harmful) < cfg.n_train + cfg.n_val or len(harmless) < cfg.n_train:
+        raise RepbendError(f"Attack '{attack}': n_train + n_val = {cfg.n_train + cfg.n_val} exceeds the "
+                           f"available requests ({len(harmful)} harmful, {len(harmless)} harmless); lower them.")
+    h = last_token_states(model, tokenizer, harmful[:cfg.n_train], cfg.batch_size)
+    b = last_token_states(model, tokenizer, harmless[:cfg.n_train], cfg.batch_size)
+    cost.forward += 2 * cfg.n_train
+    return h, b, harmful[cfg.n_train:cfg.n_train + cfg.n_val]
 
 
 def mean_directions(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
@@ -183,33 +208,14 @@ class RefusalAblation(Attack):
                           max_new_tokens=c.max_new_tokens)
 
     def candidate_layers(self, num_layers: int) -> list[int]:
-        if self.config.layers:
-            bad = [i for i in self.config.layers if not 1 <= i <= num_layers - 1]
-            if bad:
-                raise RepbendError(f"Attack 'refusal_ablation': layers {bad} out of range; use hidden-state indices "
-                                   f"1..{num_layers - 1} (block outputs).")
-            return sorted(set(self.config.layers))
-        lo, hi = max(1, round(num_layers * 0.25)), max(1, round(num_layers * 0.75))
-        n = min(self.config.n_candidates, hi - lo + 1)
-        return sorted({round(lo + i * (hi - lo) / max(1, n - 1)) for i in range(n)})
+        return candidate_layers(self.name, self.config.layers, self.config.n_candidates, num_layers)
 
     def find_direction(self, model: Any, tokenizer: Any, behaviours: list[Behaviour], cost: wb.Cost) -> dict:
         c = self.config
-        rng = random.Random(c.seed)
-        harmful = [g for g, _ in wb.advbench_pairs(exclude=behaviours)]
-        harmless = list(wb.harmless_prompts())   # a copy: the shuffle below must not reorder the caller's list
-        rng.shuffle(harmful)
-        rng.shuffle(harmless)
-        if len(harmful) < c.n_train + c.n_val or len(harmless) < c.n_train:
-            raise RepbendError(f"Attack 'refusal_ablation': n_train + n_val = {c.n_train + c.n_val} exceeds the "
-                               f"available requests ({len(harmful)} harmful, {len(harmless)} harmless); lower them.")
         with wb.frozen(model):
-            h = last_token_states(model, tokenizer, harmful[:c.n_train], c.batch_size)
-            b = last_token_states(model, tokenizer, harmless[:c.n_train], c.batch_size)
-            cost.forward += 2 * c.n_train
+            h, b, val = contrast_states(self.name, model, tokenizer, behaviours, c, cost)
             dirs = mean_directions(h, b)
             layers = self.candidate_layers(dirs.shape[0] - 1)
-            val = harmful[c.n_train:c.n_train + c.n_val]
             rows = validate(model, tokenizer, dirs, layers, val, c)
             cost.forward += len(rows) * c.n_val * (c.val_max_new_tokens + 1)
         best = min(rows[1:], key=lambda r: (r["refusal_rate"], r["refusal_score"]))

@@ -21,9 +21,8 @@ projecting it out:
 from __future__ import annotations
 
 import contextlib
-import random
 import time
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -31,9 +30,10 @@ from pydantic import Field
 from repbend.config import Section
 from repbend.errors import RepbendError
 from repbend.evaluation.attacks import whitebox_common as wb
-from repbend.evaluation.attacks.refusal_direction import decoder_layers, last_token_states
+from repbend.evaluation.attacks.refusal_direction import candidate_layers, contrast_states
 from repbend.evaluation.store import make_key
 from repbend.evaluation.types import Attack, Behaviour, Completion, Conversation, GenSettings
+from repbend.models.hooks import shift_block_outputs
 
 
 class SteeringConfig(Section):
@@ -52,24 +52,9 @@ class SteeringConfig(Section):
     seed: int = Field(0, description="Seed for the choice of training/validation requests.")
 
 
-def _block_index(model: Any, layer: int) -> Any:
-    """The decoder block whose output is hidden state ``layer`` (1-based: state i = output of block i)."""
-    return decoder_layers(model)[layer - 1]
-
-
-@contextlib.contextmanager
-def steering_hooks(model: Any, layer: int, shift: torch.Tensor) -> Iterator[None]:
-    """Add ``shift`` (d,) to hidden state ``layer`` (output of block ``layer``) at every position; always removed."""
-    def hook(_m, _inp, out):
-        if isinstance(out, tuple):
-            return (out[0] + shift.to(out[0].dtype).to(out[0].device), *out[1:])
-        return out + shift.to(out.dtype).to(out.device)
-
-    handle = _block_index(model, layer).register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+def steering_hooks(model: Any, layer: int, shift: torch.Tensor):
+    """Add ``shift`` (d,) to hidden state ``layer`` (output of block ``layer``) of every row at every position."""
+    return shift_block_outputs(model, [(slice(None), {layer: shift})])
 
 
 def validate(model: Any, tokenizer: Any, shifts: dict[tuple[int, float], torch.Tensor], prompts: list[str],
@@ -111,34 +96,15 @@ class Steering(Attack):
             raise RepbendError(f"Attack 'steering': coefficients must be > 0, got {c.coefficients}.")
 
     def candidate_layers(self, num_layers: int) -> list[int]:
-        if self.config.layers:
-            bad = [i for i in self.config.layers if not 1 <= i <= num_layers - 1]
-            if bad:
-                raise RepbendError(f"Attack 'steering': layers {bad} out of range; use hidden-state indices "
-                                   f"1..{num_layers - 1} (block outputs).")
-            return sorted(set(self.config.layers))
-        lo, hi = max(1, round(num_layers * 0.25)), max(1, round(num_layers * 0.75))
-        n = min(self.config.n_candidates, hi - lo + 1)
-        return sorted({round(lo + i * (hi - lo) / max(1, n - 1)) for i in range(n)})
+        return candidate_layers(self.name, self.config.layers, self.config.n_candidates, num_layers)
 
     def find_steer(self, model: Any, tokenizer: Any, behaviours: list[Behaviour], cost: wb.Cost) -> dict:
         c = self.config
-        rng = random.Random(c.seed)
-        harmful = [g for g, _ in wb.advbench_pairs(exclude=behaviours)]
-        harmless = list(wb.harmless_prompts())   # a copy: the shuffle below must not reorder the caller's list
-        rng.shuffle(harmful)
-        rng.shuffle(harmless)
-        if len(harmful) < c.n_train + c.n_val or len(harmless) < c.n_train:
-            raise RepbendError(f"Attack 'steering': n_train + n_val = {c.n_train + c.n_val} exceeds the available "
-                               f"requests ({len(harmful)} harmful, {len(harmless)} harmless); lower them.")
         with wb.frozen(model):
-            h = last_token_states(model, tokenizer, harmful[:c.n_train], c.batch_size)
-            b = last_token_states(model, tokenizer, harmless[:c.n_train], c.batch_size)
-            cost.forward += 2 * c.n_train
+            h, b, val = contrast_states(self.name, model, tokenizer, behaviours, c, cost)
             diff = h.mean(1) - b.mean(1)                          # (L+1, d)
             layers = self.candidate_layers(diff.shape[0] - 1)
             shifts = {(l, co): -co * diff[l] for l in layers for co in sorted(set(c.coefficients))}
-            val = harmful[c.n_train:c.n_train + c.n_val]
             rows = validate(model, tokenizer, shifts, val, c)
             cost.forward += len(rows) * c.n_val * (c.val_max_new_tokens + 1)
         best = min(rows[1:], key=lambda r: (-r["answered"], r["refused"], r["coefficient"], r["layer"]))
