@@ -365,6 +365,10 @@ def test_steer_state_shift_is_minus_c_times_the_mean_difference_and_enters_the_u
     torch.testing.assert_close(m.steer_shift, -2.0 * torch.tensor([3.0, 1.0]))
     need = m.needs()["unsafe"]
     assert set(need.shift) == {1} and need.reference and m.directions is None   # zeta 0: no L_dir directions
+    assert need.shift_fraction == 1.0
+    assert RepBend(cfg.model_copy(update={"steer_fraction": 0.25}), 3, 2).needs()["unsafe"].shift_fraction == 0.25
+    with pytest.raises(ValueError, match="steer_fraction"):
+        RepBendConfig(target_layers=[2], steer_state=1, steer_fraction=0)
     with pytest.raises(RepbendError, match="out of range"):
         RepBend(RepBendConfig(target_layers=[2], steer_state=3), 3, 2).prepare(states)
     one = collate([Encoded([5], 1, 0)], pad_id=0)

@@ -292,6 +292,60 @@ def test_row_shifts_move_only_the_selected_rows_from_that_block_on(tiny_model):
             pass
 
 
+def test_shifted_rows_pick_a_share_of_rows_by_their_tokens_alone():
+    from repbend.training.forward import shifted_rows
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (400, 6), generator=g)
+    mask = torch.ones_like(ids)
+    assert shifted_rows(ids, mask, slice(0, 400), 1.0) == slice(0, 400)
+    half = shifted_rows(ids, mask, slice(0, 400), 0.5)
+    assert 160 <= len(half) <= 240 and all(0 <= i < 400 for i in half)
+    quarter = set(shifted_rows(ids, mask, slice(0, 400), 0.25))
+    assert quarter < set(half) and 60 <= len(quarter) <= 140           # nested: a row under 0.25 is under 0.5
+    assert shifted_rows(ids, mask, slice(0, 400), 0.5) == half         # deterministic
+    # a row's pick depends on its own non-padding tokens only: other rows, its position and padding do not matter
+    padded = torch.cat([torch.zeros(400, 3, dtype=ids.dtype), ids], 1)
+    pmask = torch.cat([torch.zeros(400, 3, dtype=mask.dtype), mask], 1)
+    assert shifted_rows(padded, pmask, slice(0, 400), 0.5) == half
+    sub = [i - 100 for i in half if 100 <= i < 200]
+    assert shifted_rows(ids[100:200], mask[100:200], slice(0, 100), 0.5) == sub
+    assert [i for i in shifted_rows(ids, mask, slice(100, 200), 0.5)] == [i for i in half if 100 <= i < 200]
+
+
+def test_steer_fraction_steers_the_same_part_of_the_unsafe_rows_in_both_passes(tiny_model_dir, built_dir, tmp_path,
+                                                                              monkeypatch):
+    """steer_fraction 0.5: the reference and policy passes of a step steer the same subset of the unsafe rows (rows
+    2..3 of the batch), the hooks get exactly that subset, and over the run some unsafe rows are steered, some not."""
+    import repbend.training.forward as fwd
+
+    picks, hooked = [], []
+    real_pick, real_shift = fwd.shifted_rows, fwd.row_shifts
+
+    def pick(ids, mask, rows, fraction):
+        out = real_pick(ids, mask, rows, fraction)
+        picks.append((fraction, rows, out))
+        return out
+
+    def spy(model, shifts):
+        hooked.append([rows for rows, _ in shifts])
+        return real_shift(model, shifts)
+
+    monkeypatch.setattr(fwd, "shifted_rows", pick)
+    monkeypatch.setattr(fwd, "row_shifts", spy)
+    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=6, lr=1e-3).model_dump()
+    del data["lora"]
+    data["method"]["params"].update(steer_state=1, steer_coefficient=4.0, steer_fraction=0.5)
+    train(TrainConfig.model_validate({**data, "full_finetune": True}))
+    assert len(picks) == 12 and all(f == 0.5 and rows == slice(2, 4) for f, rows, _ in picks)   # 6 steps x 2 passes
+    chosen = [out for _, _, out in picks]
+    assert all(chosen[k] == chosen[k + 1] for k in range(0, 12, 2))      # reference and policy agree within a step
+    assert all(set(c) <= {2, 3} for c in chosen)
+    n = sum(len(c) for c in chosen[::2])
+    assert 0 < n < 12                                                     # some of the 12 unsafe rows, not all
+    assert [h[0] for h in hooked if h] == [c for c in chosen if c]        # the hooks shift exactly the picked rows
+
+
 def test_steer_state_trains_on_steered_unsafe_rows_in_both_passes(tiny_model_dir, built_dir, tmp_path, monkeypatch):
     """Every training forward pass (policy and reference) steers exactly the unsafe rows at state 1; with full
     fine-tuning the first step's policy equals the reference, so L_unsafe is exactly 0 at step 1 (a one-sided steer

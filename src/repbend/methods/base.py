@@ -67,6 +67,9 @@ class Need:
     # {hidden-state index l: vector (H,)} added to the output of block l at every position of this split's rows, in
     # every pass over them (policy and reference); None = the model as it is. (RepBend's steer_state option.)
     shift: dict[int, Tensor] | None = field(default=None, compare=False)
+    # share of this split's rows that get ``shift`` (1 = all); which rows is a fixed function of each row's tokens
+    # (see training/forward.py ``shifted_rows``), so both passes of a step shift the same rows
+    shift_fraction: float = 1.0
 
 
 @dataclass

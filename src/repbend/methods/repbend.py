@@ -121,6 +121,9 @@ class RepBendConfig(Section):
                                 "must disrupt harmful requests that a steer made look harmless there.")
     steer_coefficient: float = Field(1.0, gt=0, description="Strength of the steer_state shift (1 = the harmful mean "
                                                             "moved onto the safe mean).")
+    steer_fraction: float = Field(1.0, gt=0, le=1, description="Share of the unsafe rows that get the steer_state "
+                                                               "shift (1 = all; the rest are bent as they are). Which "
+                                                               "rows is fixed by each row's tokens.")
     max_unsafe_ratio: float | None = Field(
         100.0, gt=0, description="Stop (DivergenceError) when L_unsafe exceeds this multiple of the reference "
                                  "states' mean norm; null disables the guard.")
@@ -259,7 +262,8 @@ class RepBend(Method):
             out["safe"] = Need(layers=tuple(self.safe), reference=True)
         if c.beta > 0 or c.gamma > 0 or c.eta > 0 or c.zeta > 0:
             shift = {c.steer_state: self.steer_shift} if self.steer_shift is not None else None
-            out["unsafe"] = Need(layers=t, reference=c.beta > 0 or c.zeta > 0, shift=shift)
+            out["unsafe"] = Need(layers=t, reference=c.beta > 0 or c.zeta > 0, shift=shift,
+                                 shift_fraction=c.steer_fraction)
         if c.epsilon > 0:
             out["retain"] = Need(logits=True, reference=True)
         if c.eta > 0:
