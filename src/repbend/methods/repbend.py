@@ -45,6 +45,8 @@ final norm, see :mod:`repbend.methods.base`):
   as L_dir), and every pass over the unsafe rows (policy and reference) adds ``s`` to hidden state ``k`` at every
   position — the `steering` attack's shift. L_unsafe / L_cos / L_dir then act on the steered unsafe rows: the bent
   layers above ``k`` must disrupt harmful requests even when a steer has moved them to the safe mean at ``k``.
+  ``steer_fraction`` < 1 steers only that share of the unsafe rows (picked by a hash of each row's tokens); the rest
+  are bent unsteered.
 
 A tiny hand-derived case (one layer, one safe token, hidden size 2): policy (3, 4), reference
 (0, 0) -> L_safe = 5. Two unsafe rows with policy last-request states (1, 0) and (0, 1) -> cos = 0
