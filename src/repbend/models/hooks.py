@@ -23,11 +23,11 @@ def decoder_layers(model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def shift_block_outputs(model: Any, shifts: list[tuple[slice, dict[int, Tensor]]]) -> Iterator[None]:
+def shift_block_outputs(model: Any, shifts: list[tuple[slice | list[int], dict[int, Tensor]]]) -> Iterator[None]:
     """For each ``(rows, {l: vector})`` add the vector to the output of decoder block ``l`` (hidden state ``l``,
-    1..L-1) for those rows (a slice, ``slice(None)`` = every row, or a list of row indices), at every position, while the block is open (forward hooks,
-    always removed). The hidden state the model reports for ``l`` itself may be taken before the hook (transformers
-    records it with its own hooks); every later state sees the shift."""
+    1..L-1) for those rows (a slice, ``slice(None)`` = every row, or a list of row indices), at every position,
+    while the block is open (forward hooks, always removed). The hidden state the model reports for ``l`` itself
+    may be taken before the hook (transformers records it with its own hooks); every later state sees the shift."""
     if not shifts:
         yield
         return
