@@ -375,3 +375,47 @@ def test_steer_state_shift_is_minus_c_times_the_mean_difference_and_enters_the_u
     st = {"unsafe": States(hidden={2: torch.zeros(1, 1, 2)})}
     with pytest.raises(RepbendError, match="call prepare"):
         RepBend(cfg, 3, 2)({"unsafe": one}, st, st, 0.0)
+
+
+def _naive_safe_nll(batch, states):
+    """mean over every response token t >= 1 of the safe rows of -log softmax(head(final[t-1]))[token t]."""
+    vals = []
+    for i in range(batch.size):
+        for t in range(1, batch.input_ids.shape[1]):
+            if batch.response_mask[i, t]:
+                logp = torch.log_softmax(states.head(states.final[i, t - 1]).float(), -1)
+                vals.append(-logp[batch.input_ids[i, t]])
+    return sum(vals) / len(vals)
+
+
+def test_nll_term_is_the_mean_response_token_nll_of_the_safe_rows():
+    # nu alone: the safe rows need logits only (no reference pass, no hidden states)
+    only = RepBend(RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, nu=1.0, target_layers=[1]), L, H)
+    assert set(only.needs()) == {"safe"}
+    need = only.needs()["safe"]
+    assert need.logits and not need.reference and need.layers == ()
+    m, batch, pol, ref = _setup(RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, nu=1.0, target_layers=[1]))
+    loss, parts = m(batch, pol, ref, 0.0)
+    want = float(_naive_safe_nll(batch["safe"], pol["safe"]))
+    assert set(parts) == {"loss/nll"} and parts["loss/nll"] == pytest.approx(want, rel=1e-6)
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+    # with the other terms: nu adds exactly nu * L_NLL to the loss and changes nothing else
+    base = dict(alpha=0.5, beta=0.3, gamma=0.2, epsilon=0.7, target_start=2, target_window=2, max_unsafe_ratio=None)
+    m2, batch2, pol2, ref2 = _setup(RepBendConfig(**base, nu=0.25))
+    assert m2.needs()["safe"].logits and m2.needs()["safe"].reference
+    with_nll, parts2 = m2(batch2, pol2, ref2, 0.0)
+    no_nll = RepBend(RepBendConfig(**base), L, H)
+    without, parts0 = no_nll(batch2, pol2, ref2, 0.0)
+    assert parts2["loss/nll"] == pytest.approx(float(_naive_safe_nll(batch2["safe"], pol2["safe"])), rel=1e-6)
+    assert float(with_nll) == pytest.approx(float(without) + 0.25 * parts2["loss/nll"], rel=1e-6)
+    assert {k: v for k, v in parts2.items() if k != "loss/nll"} == parts0
+
+
+def test_nll_term_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="nu"):
+        RepBendConfig(nu=-1)
+    m, batch, pol, ref = _setup(RepBendConfig(alpha=0, nu=1.0, target_layers=[1]))
+    with pytest.raises(RepbendError, match="nu"):
+        m.check_batch(dict(batch, safe=_batch([(3, 0), (4, 0)])))
+    with pytest.raises(RepbendError, match="no 'safe' rows"):
+        m.check_batch({k: v for k, v in batch.items() if k != "safe"})

@@ -369,3 +369,41 @@ def test_steer_state_trains_on_steered_unsafe_rows_in_both_passes(tiny_model_dir
     steered = [call for call in seen if call]
     # 4 steps x (reference + policy) + the telemetry/eval passes never steer; batch order safe, unsafe, retain -> rows 2..3
     assert len(steered) >= 8 and all(call == [(slice(2, 4), [1])] for call in steered)
+
+
+def _refusal_nll(model_dir, rows):
+    """Mean next-token NLL of each row's response given its request, from a saved model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from repbend.data.chat import encode
+
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            e = encode(tok, r["messages"], r["response"], max_request_tokens=32, max_response_tokens=24)
+            ids = torch.tensor([e.input_ids])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            tgt = ids[0, 1:]
+            resp = torch.arange(1, ids.shape[1]) >= e.request_len
+            total += float(-logp[torch.arange(len(tgt)), tgt][resp].sum())
+            n += int(resp.sum())
+    return total / n
+
+
+def test_nll_term_teaches_the_safe_rows_refusals(tiny_model_dir, built_dir, tmp_path):
+    """nu > 0 through the real trainer: L_NLL is logged and the trained model gives the refusals that the safe rows
+    pair with harmful requests a clearly lower NLL than both the base model and the same run without nu."""
+    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "nll", max_steps=10, lr=3e-3).model_dump()
+    del data["lora"]
+    data["method"]["params"].update(alpha=0.1, beta=0.1, gamma=0.1, epsilon=0.1, nu=1.0)
+    run = train(TrainConfig.model_validate({**data, "full_finetune": True}))
+    metrics = _metrics(run)
+    assert len(metrics) == 10 and all(float(r["loss/nll"]) > 0 for r in metrics)
+    data["method"]["params"]["nu"] = 0.0
+    data["output_dir"] = str(tmp_path / "plain")
+    plain = train(TrainConfig.model_validate({**data, "full_finetune": True}))
+    assert "loss/nll" not in _metrics(plain)[0]
+    refusals = [r for r in make_rows() if r["kind"] == "refusal"]
+    taught, untaught, base = (_refusal_nll(d, refusals) for d in (run, plain, tiny_model_dir))
+    assert taught < base - 0.25 and taught < untaught - 0.25, (taught, untaught, base)

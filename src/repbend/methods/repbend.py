@@ -1,6 +1,6 @@
 """RepBend: bend unsafe representations away, keep safe ones and the output distribution in place.
 
-    L = alpha * L_safe - beta * L_unsafe + gamma * L_cos + epsilon * L_KL + eta * L_pair - zeta * L_dir
+    L = alpha * L_safe - beta * L_unsafe + gamma * L_cos + epsilon * L_KL + eta * L_pair - zeta * L_dir + nu * L_NLL
 
 Exact normalisation (``P`` = trained/policy model, ``R`` = frozen reference, ``h_l(x)_t`` = hidden
 state ``l`` at token ``t``; hidden-state index 0 = embedding output, ``L`` = last block after the
@@ -47,6 +47,12 @@ final norm, see :mod:`repbend.methods.base`):
   layers above ``k`` must disrupt harmful requests even when a steer has moved them to the safe mean at ``k``.
   ``steer_fraction`` < 1 steers only that share of the unsafe rows (picked by a hash of each row's tokens); the rest
   are bent unsteered.
+
+* ``L_NLL`` (not in the paper; off by default, ``nu`` 0): ``mean_{(b,t) in response tokens} -log p^P(x_t | x_<t)`` on the
+  safe rows, pooled over all their response tokens — the refusals the safe set pairs with harmful requests and the
+  helpful answers of its benign / over-refusal-like rows. RepBend only moves states; this term also teaches what to
+  say instead (supervised refusal training, as safety fine-tuning does), and the benign rows hold the answers to
+  look-alike safe requests. It needs the safe rows' logits (one LM-head pass over their response tokens).
 
 A tiny hand-derived case (one layer, one safe token, hidden size 2): policy (3, 4), reference
 (0, 0) -> L_safe = 5. Two unsafe rows with policy last-request states (1, 0) and (0, 1) -> cos = 0
@@ -126,6 +132,9 @@ class RepBendConfig(Section):
     steer_fraction: float = Field(1.0, gt=0, le=1, description="Share of the unsafe rows that get the steer_state "
                                                                "shift (1 = all; the rest are bent as they are). Which "
                                                                "rows is fixed by each row's tokens.")
+    nu: float = Field(0.0, ge=0, description="Weight of L_NLL: next-token NLL of the safe rows' responses (refusals to "
+                                             "harmful requests, the model's answers to benign ones); 0 = off. Not in "
+                                             "the paper.")
     max_unsafe_ratio: float | None = Field(
         100.0, gt=0, description="Stop (DivergenceError) when L_unsafe exceeds this multiple of the reference "
                                  "states' mean norm; null disables the guard.")
@@ -260,8 +269,8 @@ class RepBend(Method):
     def needs(self) -> dict[str, Need]:
         c, t = self.config, tuple(self.target)
         out: dict[str, Need] = {}
-        if c.alpha > 0:
-            out["safe"] = Need(layers=tuple(self.safe), reference=True)
+        if c.alpha > 0 or c.nu > 0:
+            out["safe"] = Need(layers=tuple(self.safe) if c.alpha > 0 else (), reference=c.alpha > 0, logits=c.nu > 0)
         if c.beta > 0 or c.gamma > 0 or c.eta > 0 or c.zeta > 0:
             shift = {c.steer_state: self.steer_shift} if self.steer_shift is not None else None
             out["unsafe"] = Need(layers=t, reference=c.beta > 0 or c.zeta > 0, shift=shift,
@@ -322,7 +331,7 @@ class RepBend(Method):
         for split in self.needs():
             if split not in batch or batch[split].size == 0:
                 raise RepbendError(f"The batch has no {split!r} rows but the repbend loss needs them "
-                                   f"(alpha/beta/gamma/epsilon/eta/zeta > 0); add {split} rows to the data or set that "
+                                   f"(alpha/beta/gamma/epsilon/eta/zeta/nu > 0); add {split} rows to the data or set that "
                                    f"weight to 0.")
         for split in ("safe", "unsafe"):
             mode, field = (self.safe_mode, "safe_token_mode") if split == "safe" else (c.token_mode, "token_mode")
@@ -330,6 +339,9 @@ class RepBend(Method):
                     and not token_mask(batch[split], mode, c.k).any():
                 raise RepbendError(f"{field} {mode!r} selects no tokens in the {split!r} rows "
                                    f"(e.g. rows without responses); pick another method.{field} or fix the data.")
+        if c.nu > 0 and not batch["safe"].response_mask[:, 1:].any():
+            raise RepbendError("L_NLL (nu > 0) found no response tokens in the safe rows; rebuild the data with "
+                               "responses or set method.params.nu 0.")
         if c.gamma > 0 and batch["unsafe"].size < 2:
             raise RepbendError("L_cos needs at least 2 unsafe rows per batch; raise the unsafe batch size or set gamma 0.")
         if c.eta > 0 and batch["pair"].size != batch["unsafe"].size:
@@ -381,6 +393,12 @@ class RepBend(Method):
                                     cap=c.direction_margin)
             loss = loss - c.zeta * l_dir
             parts["loss/dir"] = l_dir.item()
+        if c.nu > 0:
+            safe = batch["safe"]
+            lp = policy["safe"].next_token_logprobs(safe.input_ids, safe.response_mask.bool())
+            l_nll = -lp.mean()
+            loss = loss + c.nu * l_nll
+            parts["loss/nll"] = l_nll.item()
         if c.eta > 0:
             l_pair = self._pair(batch, policy["unsafe"], reference["pair"])
             loss = loss + c.eta * l_pair
