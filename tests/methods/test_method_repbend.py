@@ -419,3 +419,17 @@ def test_nll_term_bad_input_is_a_clear_error():
         m.check_batch(dict(batch, safe=_batch([(3, 0), (4, 0)])))
     with pytest.raises(RepbendError, match="no 'safe' rows"):
         m.check_batch({k: v for k, v in batch.items() if k != "safe"})
+
+
+def test_nll_term_on_the_pair_split_uses_each_unsafe_requests_refusal():
+    m, batch, pol, ref = _setup(RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, nu=1.0, nll_split="pair",
+                                              target_layers=[1]))
+    needs = m.needs()
+    assert set(needs) == {"pair"} and needs["pair"].policy and needs["pair"].logits and not needs["pair"].reference
+    _, parts = m(batch, pol, ref, 0.0)
+    assert parts["loss/nll"] == pytest.approx(float(_naive_safe_nll(batch["pair"], pol["pair"])), rel=1e-6)
+    # with L_pair on as well, the pair rows need both passes (reference states for L_pair, policy logits for L_NLL)
+    both = RepBend(RepBendConfig(eta=1.0, nu=1.0, nll_split="pair", target_layers=[1]), L, H).needs()["pair"]
+    assert both.policy and both.reference and both.logits and both.layers == (1,)
+    with pytest.raises(RepbendError, match="one refusal row per unsafe row"):
+        m.check_batch(dict(batch, pair=_batch([(3, 2)])))

@@ -391,12 +391,14 @@ def _refusal_nll(model_dir, rows):
     return total / n
 
 
-def test_nll_term_teaches_the_safe_rows_refusals(tiny_model_dir, built_dir, tmp_path):
-    """nu > 0 through the real trainer: L_NLL is logged and the trained model gives the refusals that the safe rows
-    pair with harmful requests a clearly lower NLL than both the base model and the same run without nu."""
+@pytest.mark.parametrize("split", ["safe", "pair"])
+def test_nll_term_teaches_the_safe_rows_refusals(split, tiny_model_dir, built_dir, tmp_path):
+    """nu > 0 through the real trainer, on the safe rows or on each unsafe row's paired refusal: L_NLL is logged and
+    the trained model gives the refusals to the harmful requests a clearly lower NLL than both the base model and the
+    same run without nu."""
     data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "nll", max_steps=10, lr=3e-3).model_dump()
     del data["lora"]
-    data["method"]["params"].update(alpha=0.1, beta=0.1, gamma=0.1, epsilon=0.1, nu=1.0)
+    data["method"]["params"].update(alpha=0.1, beta=0.1, gamma=0.1, epsilon=0.1, nu=1.0, nll_split=split)
     run = train(TrainConfig.model_validate({**data, "full_finetune": True}))
     metrics = _metrics(run)
     assert len(metrics) == 10 and all(float(r["loss/nll"]) > 0 for r in metrics)

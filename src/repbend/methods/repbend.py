@@ -49,10 +49,12 @@ final norm, see :mod:`repbend.methods.base`):
   are bent unsteered.
 
 * ``L_NLL`` (not in the paper; off by default, ``nu`` 0): ``mean_{(b,t) in response tokens} -log p^P(x_t | x_<t)`` on the
-  safe rows, pooled over all their response tokens — the refusals the safe set pairs with harmful requests and the
-  helpful answers of its benign / over-refusal-like rows. RepBend only moves states; this term also teaches what to
-  say instead (supervised refusal training, as safety fine-tuning does), and the benign rows hold the answers to
-  look-alike safe requests. It needs the safe rows' logits (one LM-head pass over their response tokens).
+  rows of ``nll_split``, pooled over all their response tokens. ``safe``: the refusals the safe set pairs with harmful
+  requests and the helpful answers of its benign / over-refusal-like rows. ``pair``: for each unsafe row of the step,
+  the SAME harmful request with its refusal — a causal model gives the shared request tokens the same (bent) states in
+  both rows, so the refusal is learned from the bent states. RepBend only moves states; this term also teaches what
+  to say instead (supervised refusal training, as safety fine-tuning does). It needs that split's logits (one
+  LM-head pass over its response tokens).
 
 A tiny hand-derived case (one layer, one safe token, hidden size 2): policy (3, 4), reference
 (0, 0) -> L_safe = 5. Two unsafe rows with policy last-request states (1, 0) and (0, 1) -> cos = 0
@@ -135,6 +137,9 @@ class RepBendConfig(Section):
     nu: float = Field(0.0, ge=0, description="Weight of L_NLL: next-token NLL of the safe rows' responses (refusals to "
                                              "harmful requests, the model's answers to benign ones); 0 = off. Not in "
                                              "the paper.")
+    nll_split: Literal["safe", "pair"] = Field(
+        "safe", description="Rows of L_NLL: safe (refusals to harmful requests and answers to benign ones) or pair "
+                            "(each unsafe row's own request with its refusal).")
     max_unsafe_ratio: float | None = Field(
         100.0, gt=0, description="Stop (DivergenceError) when L_unsafe exceeds this multiple of the reference "
                                  "states' mean norm; null disables the guard.")
@@ -269,16 +274,19 @@ class RepBend(Method):
     def needs(self) -> dict[str, Need]:
         c, t = self.config, tuple(self.target)
         out: dict[str, Need] = {}
-        if c.alpha > 0 or c.nu > 0:
-            out["safe"] = Need(layers=tuple(self.safe) if c.alpha > 0 else (), reference=c.alpha > 0, logits=c.nu > 0)
+        nll_on = c.nll_split if c.nu > 0 else None
+        if c.alpha > 0 or nll_on == "safe":
+            out["safe"] = Need(layers=tuple(self.safe) if c.alpha > 0 else (), reference=c.alpha > 0,
+                               logits=nll_on == "safe")
         if c.beta > 0 or c.gamma > 0 or c.eta > 0 or c.zeta > 0:
             shift = {c.steer_state: self.steer_shift} if self.steer_shift is not None else None
             out["unsafe"] = Need(layers=t, reference=c.beta > 0 or c.zeta > 0, shift=shift,
                                  shift_fraction=c.steer_fraction)
         if c.epsilon > 0:
             out["retain"] = Need(logits=True, reference=True)
-        if c.eta > 0:
-            out["pair"] = Need(layers=t, reference=True, policy=False)
+        if c.eta > 0 or nll_on == "pair":
+            out["pair"] = Need(layers=t if c.eta > 0 else (), reference=c.eta > 0, policy=nll_on == "pair",
+                               logits=nll_on == "pair")
         return out
 
     def trainable_layers(self) -> list[int] | None:
@@ -339,12 +347,12 @@ class RepBend(Method):
                     and not token_mask(batch[split], mode, c.k).any():
                 raise RepbendError(f"{field} {mode!r} selects no tokens in the {split!r} rows "
                                    f"(e.g. rows without responses); pick another method.{field} or fix the data.")
-        if c.nu > 0 and not batch["safe"].response_mask[:, 1:].any():
-            raise RepbendError("L_NLL (nu > 0) found no response tokens in the safe rows; rebuild the data with "
-                               "responses or set method.params.nu 0.")
+        if c.nu > 0 and not batch[c.nll_split].response_mask[:, 1:].any():
+            raise RepbendError(f"L_NLL (nu > 0) found no response tokens in the {c.nll_split} rows; rebuild the data "
+                               f"with responses or set method.params.nu 0.")
         if c.gamma > 0 and batch["unsafe"].size < 2:
             raise RepbendError("L_cos needs at least 2 unsafe rows per batch; raise the unsafe batch size or set gamma 0.")
-        if c.eta > 0 and batch["pair"].size != batch["unsafe"].size:
+        if "pair" in self.needs() and batch["pair"].size != batch["unsafe"].size:
             raise RepbendError("The pair split must have one refusal row per unsafe row (same pair_id).")
 
     def __call__(self, batch: dict[str, SeqBatch], policy: dict[str, States], reference: dict[str, States],
@@ -394,8 +402,8 @@ class RepBend(Method):
             loss = loss - c.zeta * l_dir
             parts["loss/dir"] = l_dir.item()
         if c.nu > 0:
-            safe = batch["safe"]
-            lp = policy["safe"].next_token_logprobs(safe.input_ids, safe.response_mask.bool())
+            rows = batch[c.nll_split]
+            lp = policy[c.nll_split].next_token_logprobs(rows.input_ids, rows.response_mask.bool())
             l_nll = -lp.mean()
             loss = loss + c.nu * l_nll
             parts["loss/nll"] = l_nll.item()
