@@ -145,6 +145,13 @@ ReferenceStates = Callable[..., Iterator[tuple[SeqBatch, States]]]  # (split, ki
 METHODS: Registry[type[Method]] = Registry("method")
 
 
+def response_nll(states: States, batch: SeqBatch) -> Tensor:
+    """Mean next-token negative log-likelihood over every response token of ``batch`` (pooled over rows); 0 when
+    there are none."""
+    lp = states.next_token_logprobs(batch.input_ids, batch.response_mask.bool())
+    return -lp.sum() / max(lp.numel(), 1)
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x`` (B, T) over positions where ``mask`` (B, T) is true; 0 when nothing is selected."""
     m = mask.to(x.dtype)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import RepbendError
-from repbend.methods.base import Method, Need, SeqBatch, States, require_rows
+from repbend.methods.base import Method, Need, SeqBatch, States, require_rows, response_nll
 from repbend.methods.repbend import kl_ref_policy
 
 
@@ -83,9 +83,7 @@ class NPO(Method):
         npo = npo_loss(logp, ref_logp, c.beta)
         loss, parts = npo, {"loss/npo": npo.item(), "npo/log_ratio": (logp - ref_logp).mean().item()}
         if c.gamma > 0:
-            safe = batch["safe"]
-            lp = policy["safe"].next_token_logprobs(safe.input_ids, safe.response_mask.bool())
-            nll = -lp.sum() / max(lp.numel(), 1)
+            nll = response_nll(policy["safe"], batch["safe"])
             loss = loss + c.gamma * nll
             parts["loss/nll"] = nll.item()
         if c.delta > 0:

@@ -76,7 +76,7 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import DivergenceError, RepbendError
-from repbend.methods.base import Method, Need, SeqBatch, States
+from repbend.methods.base import Method, Need, SeqBatch, States, response_nll
 
 TokenMode = Literal["response_all", "request_last", "request_all", "request_response", "response_first_k"]
 
@@ -134,9 +134,8 @@ class RepBendConfig(Section):
     steer_fraction: float = Field(1.0, gt=0, le=1, description="Share of the unsafe rows that get the steer_state "
                                                                "shift (1 = all; the rest are bent as they are). Which "
                                                                "rows is fixed by each row's tokens.")
-    nu: float = Field(0.0, ge=0, description="Weight of L_NLL: next-token NLL of the safe rows' responses (refusals to "
-                                             "harmful requests, the model's answers to benign ones); 0 = off. Not in "
-                                             "the paper.")
+    nu: float = Field(0.0, ge=0, description="Weight of L_NLL: next-token NLL of the responses of the nll_split rows; "
+                                             "0 = off. Not in the paper.")
     nll_split: Literal["safe", "pair"] = Field(
         "safe", description="Rows of L_NLL: safe (refusals to harmful requests and answers to benign ones) or pair "
                             "(each unsafe row's own request with its refusal).")
@@ -336,7 +335,8 @@ class RepBend(Method):
 
     def check_batch(self, batch: dict[str, SeqBatch]) -> None:
         c = self.config
-        for split in self.needs():
+        needs = self.needs()
+        for split in needs:
             if split not in batch or batch[split].size == 0:
                 raise RepbendError(f"The batch has no {split!r} rows but the repbend loss needs them "
                                    f"(alpha/beta/gamma/epsilon/eta/zeta/nu > 0); add {split} rows to the data or set that "
@@ -352,7 +352,7 @@ class RepBend(Method):
                                f"with responses or set method.params.nu 0.")
         if c.gamma > 0 and batch["unsafe"].size < 2:
             raise RepbendError("L_cos needs at least 2 unsafe rows per batch; raise the unsafe batch size or set gamma 0.")
-        if "pair" in self.needs() and batch["pair"].size != batch["unsafe"].size:
+        if "pair" in needs and batch["pair"].size != batch["unsafe"].size:
             raise RepbendError("The pair split must have one refusal row per unsafe row (same pair_id).")
 
     def __call__(self, batch: dict[str, SeqBatch], policy: dict[str, States], reference: dict[str, States],
@@ -402,9 +402,7 @@ class RepBend(Method):
             loss = loss - c.zeta * l_dir
             parts["loss/dir"] = l_dir.item()
         if c.nu > 0:
-            rows = batch[c.nll_split]
-            lp = policy[c.nll_split].next_token_logprobs(rows.input_ids, rows.response_mask.bool())
-            l_nll = -lp.mean()
+            l_nll = response_nll(policy[c.nll_split], batch[c.nll_split])
             loss = loss + c.nu * l_nll
             parts["loss/nll"] = l_nll.item()
         if c.eta > 0:
