@@ -42,7 +42,7 @@ def main(ledger: Path, png: Path) -> None:
     placed: list[tuple[float, float]] = []
     for r in rows:
         x, y = float(r["overrefusal"]), float(r["mean_asr"])
-        crowded = any(abs(x - px) < 4 and abs(y - py) < 1.5 for px, py in placed)   # label below instead
+        crowded = sum(abs(x - px) < 4 and abs(y - py) < 1.5 for px, py in placed)   # labels already there: go below
         placed.append((x, y))
         if r["trial"] == "original":
             ax.scatter(x, y, s=60, color="black", marker="s", label="original")
@@ -50,7 +50,7 @@ def main(ledger: Path, png: Path) -> None:
             rd = int(r["round"])
             ax.scatter(x, y, s=45, color=colour[rd], edgecolor="black" if "default" in r["trial"] else "none",
                        label=f"round {rd}")
-        ax.annotate(r["trial"].replace(" (default)", "*"), (x, y), fontsize=7, xytext=(4, -10 if crowded else 3),
+        ax.annotate(r["trial"].replace(" (default)", "*"), (x, y), fontsize=7, xytext=(4, 3 - 10 * crowded),
                     textcoords="offset points")
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))            # one legend entry per round
