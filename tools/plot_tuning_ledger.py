@@ -30,7 +30,13 @@ def main(ledger: Path, png: Path) -> None:
     rows = list(csv.DictReader(ledger.open()))
     if not rows:
         raise SystemExit(f"error: {ledger} has no rows; give the ledger CSV (round,trial,mean_asr,overrefusal,source)")
-    orig = next(r for r in rows if r["trial"] == "original")
+    missing = {"round", "trial", "mean_asr", "overrefusal"} - set(rows[0])
+    if missing:
+        raise SystemExit(f"error: {ledger} lacks the column(s) {', '.join(sorted(missing))}; "
+                         "the header is round,trial,mean_asr,overrefusal,source")
+    orig = next((r for r in rows if r["trial"] == "original"), None)
+    if orig is None:
+        raise SystemExit(f"error: {ledger} has no 'original' row; add the original model's validation numbers")
     rounds = sorted({int(r["round"]) for r in rows if r["trial"] != "original"})
     cmap = plt.get_cmap("tab10")
     colour = {rd: cmap(i % 10) for i, rd in enumerate(rounds)}

@@ -34,3 +34,13 @@ def test_an_empty_ledger_is_a_one_line_error(tmp_path, load_script):
     empty.write_text("round,trial,mean_asr,overrefusal,source\n")
     with pytest.raises(SystemExit, match="has no rows"):
         load_script("tools/plot_tuning_ledger.py").main(empty, tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("round,trial,asr,overrefusal\n0,original,58,97.9\n", "lacks the column"),
+    ("round,trial,mean_asr,overrefusal\n17,r17,31.3,95.8\n", "no 'original' row")])
+def test_a_malformed_ledger_is_a_one_line_error(tmp_path, load_script, text, message):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        load_script("tools/plot_tuning_ledger.py").main(bad, tmp_path / "x.png")
