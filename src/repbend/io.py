@@ -1,4 +1,11 @@
-"""Small I/O helpers: atomic writes, JSONL, hashing, run metadata."""
+"""Small I/O helpers: atomic writes, JSONL, hashing, run metadata, user paths and output folders.
+
+Output folders (``repbend train``, ``eval``, ``data build``, ``merge``): :func:`user_path` is the one place a path
+the user gave is checked (empty -> error) and ``~``-expanded; :func:`output_lock` holds an exclusive lock on the
+folder for the whole run (a second writer gets one line and exit 2); :func:`claim_output` refuses a non-empty
+folder holding another kind of run or foreign files unless ``overwrite`` (then the earlier run's files are removed,
+files repbend did not write are left alone). The run kind is recorded as ``kind`` in ``run_info.json``.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,10 +15,13 @@ import platform
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Annotated, Any, Iterable, Iterator
+
+from pydantic import AfterValidator
 
 from repbend.errors import RepbendError
 
@@ -132,14 +142,16 @@ def git_commit() -> str | None:
         return None
 
 
-def write_run_info(out_dir: str | Path, config: Any = None, seed: int | None = None, **extra: Any) -> dict:
-    """Write ``config.yaml`` (resolved) and ``run_info.json`` (versions, git commit, seed, time)."""
+def write_run_info(out_dir: str | Path, config: Any = None, seed: int | None = None, *, kind: str | None = None,
+                   **extra: Any) -> dict:
+    """Write ``config.yaml`` (resolved) and ``run_info.json`` (run kind, versions, git commit, seed, time)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config is not None:
         from repbend.config import dump_config
         atomic_write_text(out / "config.yaml", dump_config(config))
     info = {
+        **({"kind": kind} if kind else {}),
         "seed": seed,
         "git_commit": git_commit(),
         "versions": package_versions(),
@@ -149,3 +161,169 @@ def write_run_info(out_dir: str | Path, config: Any = None, seed: int | None = N
     }
     atomic_write_json(out / "run_info.json", info)
     return info
+
+
+# ---------------------------------------------------------------- user paths, output folders, locks
+
+def user_path(value: str | os.PathLike | None, what: str = "path") -> Path:
+    """A path the user gave, ``~`` expanded; an empty one (it would mean the current folder) is an error."""
+    if value is None or not str(value).strip():
+        raise RepbendError(f"{what} is empty; give a folder or file path (an empty path would mean the current "
+                           f"folder).")
+    return Path(os.path.expanduser(os.fspath(value)))
+
+
+def _expand(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty; give a folder path (an empty path would mean the current folder)")
+    return os.path.expanduser(value)
+
+
+def _expand_optional(value: str | None) -> str | None:
+    return None if value is None else _expand(value)
+
+
+# Config field types for paths the user gives (``~`` expanded, empty rejected), used by every config section.
+UserPath = Annotated[str, AfterValidator(_expand)]
+OptionalUserPath = Annotated["str | None", AfterValidator(_expand_optional)]
+
+LOCK_FILE = ".repbend.lock"
+# Files the tools write besides a run's own (never treated as content of a folder).
+_IGNORED = frozenset({LOCK_FILE, ".stage-done.json"})
+
+# What each kind of run writes into its folder (glob patterns): how a folder without a recorded kind is recognised
+# (the "markers") and what ``overwrite`` removes when another kind of run replaces it (the "files").
+RUN_KINDS: dict[str, dict] = {
+    "train": {"what": "a training run",
+              "markers": ("checkpoints", "metrics.csv"),
+              "files": ("checkpoints", "metrics.csv", "layers.csv", "eval.csv", "tb", "loss.png",
+                        "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
+                        "model-*.safetensors", "model.safetensors.index.json", "config.json",
+                        "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                        "special_tokens_map.json", "chat_template.jinja", "config.yaml", "run_info.json")},
+    "eval": {"what": "evaluation results",
+             "markers": ("eval_target.json", "results.json", "cache.jsonl"),
+             "files": ("eval_target.json", "results.json", "cache.jsonl", "completions.jsonl", "capability.json",
+                       "report.md", "*.png", "config.yaml", "run_info.json")},
+    "data": {"what": "a built dataset",
+             "markers": ("manifest.json", ".build.json", "generations.jsonl"),
+             "files": ("manifest.json", ".build.json", "generations.jsonl", "train.jsonl", "val.jsonl",
+                       "decontam.jsonl", "config.yaml", "run_info.json")},
+    "merge": {"what": "a merged model",
+              "markers": (),
+              "files": ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "config.json",
+                        "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                        "special_tokens_map.json", "chat_template.jinja", "run_info.json")},
+}
+
+
+def folder_contents(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that count as content (not the lock file); [] for a missing folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name not in _IGNORED)
+
+
+def run_kind(folder: Path) -> str | None:
+    """The kind of run in ``folder`` (``run_info.json``'s ``kind``, else recognised from its files), or None."""
+    info = folder / "run_info.json"
+    if info.is_file():
+        try:
+            kind = json.loads(info.read_text(encoding="utf-8")).get("kind")
+        except (ValueError, OSError, AttributeError):
+            kind = None
+        if kind in RUN_KINDS:
+            return kind
+    for kind, spec in RUN_KINDS.items():
+        if any((folder / m).exists() for m in spec["markers"]):
+            return kind
+    if info.is_file() and _merged(info):
+        return "merge"
+    return None
+
+
+def _merged(info: Path) -> bool:
+    try:
+        return "merged_from" in json.loads(info.read_text(encoding="utf-8"))
+    except (ValueError, OSError, TypeError):
+        return False
+
+
+def remove_run_files(folder: Path, kind: str) -> None:
+    """Delete what a ``kind`` run wrote into ``folder`` (only those names; nothing else)."""
+    import shutil
+
+    for pattern in RUN_KINDS[kind]["files"]:
+        for p in folder.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def claim_output(folder: Path, kind: str, *, overwrite: bool = False, flag: str = "--overwrite") -> str | None:
+    """Check that a ``kind`` run may write into ``folder``; returns the kind already there (or None when empty).
+
+    A folder that is missing or empty, or that holds a run of the same ``kind``, is accepted (the command's own
+    resume rules apply next). A folder holding another kind of run, or files repbend did not write, is refused
+    unless ``overwrite``: then the other run's files are removed (unknown files stay) and None is returned.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise RepbendError(f"Output {folder} is a file, not a folder; pass a folder path.")
+    content = folder_contents(folder)
+    if not content:
+        return None
+    found = run_kind(folder)
+    if found == kind:
+        return kind
+    if found is not None:
+        what = RUN_KINDS[found]["what"]
+    else:
+        names = ", ".join(p.name for p in content[:3]) + (", ..." if len(content) > 3 else "")
+        what = f"files repbend did not write ({names})"
+    if not overwrite:
+        raise RepbendError(f"Output folder {folder} already holds {what}, not {RUN_KINDS[kind]['what']}; choose "
+                           f"an empty or new folder, or pass {flag} to replace it.")
+    if found is not None:
+        remove_run_files(folder, found)
+    return None
+
+
+@contextmanager
+def output_lock(folder: Path, *, enabled: bool = True) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the ``with`` block.
+
+    The lock is ``fcntl.flock`` on ``folder/.repbend.lock``, released when the block ends or the process dies. A
+    second process asking for the same folder gets a RepbendError naming the folder and the holder. ``enabled``
+    False (the non-main processes of a distributed run) takes no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield folder
+        return
+    if folder.exists() and not folder.is_dir():
+        raise RepbendError(f"Output {folder} is a file, not a folder; pass a folder path.")
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = " ".join(f.read().split())[:200] or "another process"
+            raise RepbendError(f"Output folder {folder} is in use by another repbend run ({holder}); wait for it "
+                               f"to finish or choose another output folder.") from None
+        except OSError as e:  # a file system without locks (some network mounts): go on, say so
+            print(f"repbend: cannot lock {folder} ({e.strerror}); make sure no other run writes there",
+                  file=sys.stderr, flush=True)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()} since "
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}: {' '.join(sys.argv[:4])}\n")
+        f.flush()
+        yield folder
+    finally:
+        f.close()  # closing the file releases the lock

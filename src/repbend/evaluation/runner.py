@@ -26,7 +26,8 @@ from repbend.evaluation.attacks.base import AttackSkipped, ensure_targets
 from repbend.evaluation.scoring import average_asr, summarize
 from repbend.evaluation.suites import Suite, build
 from repbend.evaluation.types import JudgeItem
-from repbend.io import atomic_write_json, package_versions, write_jsonl, write_run_info
+from repbend.io import (OptionalUserPath, UserPath, atomic_write_json, claim_output, output_lock, package_versions,
+                        write_jsonl, write_run_info)
 
 IDENTITY_FILE = "eval_target.json"
 OWN_FILES = ("cache.jsonl", "completions.jsonl", "results.json", IDENTITY_FILE)
@@ -34,9 +35,9 @@ OWN_FILES = ("cache.jsonl", "completions.jsonl", "results.json", IDENTITY_FILE)
 
 class EvalConfig(Section):
     model: str = Field("default", description="Model to evaluate: alias, hub id or folder.")
-    adapter: str | None = Field(None, description="LoRA adapter folder applied on top of the model.")
+    adapter: OptionalUserPath = Field(None, description="LoRA adapter folder applied on top of the model.")
     suite: Suite = Field(..., description="The evaluation suite (see configs/suites).")
-    output_dir: str = Field(..., description="Folder for results, cache and report.")
+    output_dir: UserPath = Field(..., description="Folder for results, cache and report.")
     overwrite: bool = Field(False, description="Replace results of a different model in output_dir.")
     device: str | None = Field(None, description="Device (default: cuda if available, else cpu).")
     dtype: str | None = Field(None, description="Model dtype (default: the loader's choice).")

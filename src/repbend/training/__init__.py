@@ -1,6 +1,6 @@
 """Training: one accelerate loop for every registered method (LoRA or full fine-tuning).
 
-Public API: :func:`train` ``(cfg: TrainConfig, resume=False) -> Path`` (the run folder),
+Public API: :func:`train` ``(cfg: TrainConfig, resume=False, overwrite=False) -> Path`` (the run folder),
 :class:`TrainConfig`, :func:`merge` ``(adapter, output, base=None) -> Path``. Heavy imports are lazy.
 """
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 from repbend.training.config import TrainConfig
 
 
-def train(cfg: TrainConfig, resume: bool = False):
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
     from repbend.training.trainer import train as _train
 
-    return _train(cfg, resume=resume)
+    return _train(cfg, resume=resume, overwrite=overwrite)
 
 
 def merge(adapter, output, base=None, dtype: str = "float32"):

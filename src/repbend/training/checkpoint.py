@@ -1,26 +1,40 @@
-"""Checkpoints and resume: ``<run>/checkpoints/step-NNNNNN/`` written by ``accelerator.save_state``.
+"""Checkpoints and resume: ``<run>/checkpoints/step-NNNNNN/``.
 
-A checkpoint holds the trainable weights only (LoRA: the adapter tensors, not the frozen base; full
-fine-tuning: the trainable blocks), the optimizer, per-process RNG states (Python, NumPy, torch,
-CUDA), and the registered :class:`TrainState` (optimizer step, sampler position, scheduler). With
-DeepSpeed/FSDP accelerate writes its own sharded formats. A LoRA checkpoint also carries ``adapter/``
-(``PeftModel.from_pretrained``-loadable) so intermediate steps can be evaluated.
+A checkpoint holds the trainable weights only (LoRA: the adapter tensors, not the frozen base; full fine-tuning: the
+trainable blocks) as safetensors, the optimizer and per-process RNG states (Python, NumPy, torch, CUDA) written by
+``accelerator.save_state`` and loaded with ``torch.load(weights_only=True)`` (tensors and plain containers only: a
+planted pickle cannot run code), and the loop position (:class:`TrainState`: optimizer step, sampler position,
+scheduler) as JSON in ``train_state.json``. With DeepSpeed/FSDP accelerate writes its own sharded formats (loaded by
+those libraries). A LoRA checkpoint also carries ``adapter/`` (``PeftModel.from_pretrained``-loadable) so
+intermediate steps can be evaluated.
+
+``manifest.json`` lists every file of the checkpoint with its size and sha256; ``DONE`` is written last. Resuming
+verifies the newest checkpoint against its manifest and loads it; a checkpoint that fails (a truncated or edited
+file, one that does not load) is reported in one warning line and the previous one is tried. None usable: one
+error line.
 
 Resuming checks that the run folder's saved config matches the new one on everything that shapes
 the weights (model, method, LoRA, full_finetune, data, seed, batch sizes) BEFORE any model is loaded.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
 
 from repbend.errors import RepbendError
+from repbend.io import atomic_write_json, claim_output, remove_run_files, sha256_file
 from repbend.training.config import TrainConfig
 
 _STEP = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+STATE_FILE = "train_state.json"
+FORMAT = "repbend-checkpoint/1"
 # Settings that must not change between a run and its resumption (dotted paths into the config).
 MUST_MATCH = ("model", "method", "lora", "full_finetune", "data.dir", "data.batch_size", "data.max_request_tokens",
               "data.max_response_tokens", "data.length_bucketing", "training.seed", "training.grad_accum",
@@ -28,7 +42,7 @@ MUST_MATCH = ("model", "method", "lora", "full_finetune", "data.dir", "data.batc
 
 
 class TrainState:
-    """Everything about the loop position that accelerate does not save by itself."""
+    """Everything about the loop position that accelerate does not save by itself (saved as JSON)."""
 
     def __init__(self, sampler, scheduler):
         self.step = 0
@@ -63,25 +77,159 @@ def config_diff(old: dict, new: dict, keys: tuple[str, ...] = MUST_MATCH) -> lis
     return [k for k in keys if _get(old, k) != _get(new, k)]
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path | None:
-    """Check the output folder; return the checkpoint to resume from (None = fresh start)."""
+def _notice(msg: str) -> None:
+    print(f"repbend: {msg}", file=sys.stderr, flush=True)
+
+
+def main_rank() -> bool:
+    """Whether this is the main process (torchrun/accelerate set RANK; a plain run is rank 0)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The run folder's saved ``config.yaml`` as a dict, with one-line errors for a damaged file."""
+    path = run_dir / "config.yaml"
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        why = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "is not valid YAML"
+        raise RepbendError(f"The run's saved config {path} {why}; restore it from your config file (the same one "
+                           f"you resume with), or pass --overwrite to start the run over.") from None
+    if old is None:
+        old = {}
+    if not isinstance(old, dict):
+        raise RepbendError(f"The run's saved config {path} holds a {type(old).__name__}, not a mapping; restore it "
+                           f"from your config file, or pass --overwrite to start the run over.")
+    return old
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run_info.json").read_text(encoding="utf-8")).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> list[Path]:
+    """Check the output folder; return the verified checkpoints to resume from, newest first ([] = fresh start).
+
+    Call it while holding the folder's :func:`repbend.io.output_lock`.
+    """
     run_dir = Path(cfg.output_dir)
+    if resume and overwrite:
+        raise RepbendError("--resume continues the run in output_dir and --overwrite starts it over; pass one of "
+                           "them, not both.")
+    main = main_rank()
+    found_kind = claim_output(run_dir, "train", overwrite=overwrite and main)
+    if found_kind != "train":
+        return []
+    if overwrite:
+        if main:
+            _notice(f"--overwrite: removing the earlier run in {run_dir} and starting over")
+            remove_run_files(run_dir, "train")
+        return []
     found = checkpoints(run_dir)
-    has_run = (run_dir / "config.yaml").is_file()
     if not resume:
-        if found or (run_dir / "metrics.csv").is_file():
-            raise RepbendError(f"output_dir {run_dir} already holds a run; pass --resume to continue it or choose "
-                               f"another output_dir.")
-        return None
-    if not has_run or not found:
-        raise RepbendError(f"--resume: {run_dir} has no checkpoint to resume from; run without --resume.")
-    old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    new = cfg.model_dump(mode="json")
-    diff = config_diff(old, new)
+        more = ("--resume to continue it or --overwrite to start it over" if found else
+                "--resume or --overwrite to start it over (it stopped before its first checkpoint)"
+                if not _finished(run_dir) else "--overwrite to train it again")
+        raise RepbendError(f"output_dir {run_dir} already holds a training run; pass {more}, or choose another "
+                           f"output_dir.")
+    if not found:
+        if _finished(run_dir):
+            raise RepbendError(f"--resume: {run_dir} holds a finished run without checkpoints; nothing to resume. "
+                               f"Pass --overwrite to train it again, or choose another output_dir.")
+        if main:
+            _notice(f"--resume: {run_dir} has no checkpoint yet (the run stopped before its first save); starting "
+                    f"it from scratch")
+            remove_run_files(run_dir, "train")
+        return []
+    old = read_run_config(run_dir) if (run_dir / "config.yaml").is_file() else {}
+    diff = config_diff(old, cfg.model_dump(mode="json")) if old else []
     if diff:
         raise RepbendError(f"--resume: the config differs from the run in {run_dir} on {', '.join(diff)} "
                            f"(adapter/base/method mismatch); resume with the original config or start a new output_dir.")
-    return found[-1]
+    good = []
+    for ckpt in reversed(found):
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            _notice(f"checkpoint {ckpt} is damaged ({problem}); trying the previous one")
+        else:
+            good.append(ckpt)
+    if not good:
+        raise RepbendError(f"--resume: no usable checkpoint in {run_dir / 'checkpoints'} (every one failed its "
+                           f"check, see above); pass --overwrite to start the run over.")
+    return good
+
+
+# ---------------------------------------------------------------- writing, verifying, loading
+
+def write_manifest(ckpt: Path, step: int) -> None:
+    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name not in (MANIFEST, "DONE")}
+    atomic_write_json(ckpt / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if every file in ``ckpt`` matches its manifest, else what is wrong (one short phrase)."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict) or STATE_FILE not in files:
+            return f"{MANIFEST} lists no {STATE_FILE}"
+    except FileNotFoundError:
+        return f"no {MANIFEST}: written by an older repbend or cut off, so it cannot be verified"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for rel, entry in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        try:
+            if p.stat().st_size != entry["size"]:
+                return f"{rel} has {p.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)"
+            if sha256_file(p) != entry["sha256"]:
+                return f"{rel} differs from its checksum in {MANIFEST}"
+        except (TypeError, KeyError):
+            return f"{MANIFEST} entry for {rel} is malformed"
+    return None
+
+
+def _rng_file(ckpt: Path, process_index: int) -> Path:
+    return ckpt / f"random_states_{process_index}.pkl"
+
+
+def load_checkpoint(accelerator, candidates: list[Path], state: TrainState, *, deepspeed: bool) -> Path:
+    """Load the first checkpoint of ``candidates`` (newest first) that loads completely; warn about the others."""
+    import torch
+
+    errors = (RepbendError, RuntimeError, ValueError, KeyError, TypeError, OSError, EOFError, IndexError,
+              AttributeError, __import__("pickle").UnpicklingError)
+    try:
+        from safetensors import SafetensorError
+        errors += (SafetensorError,)
+    except ImportError:  # pragma: no cover
+        pass
+    for ckpt in candidates:
+        try:
+            if not deepspeed and not _rng_file(ckpt, accelerator.process_index).is_file():
+                raise RepbendError(f"it has no RNG state for process {accelerator.process_index} (resume with the "
+                                   f"number of processes that wrote it)")
+            accelerator.load_state(str(ckpt), **({} if deepspeed else {"strict": False}))
+            if not deepspeed:  # accelerate skips an RNG file it cannot read without a word: check it was applied
+                from accelerate.utils import load
+
+                saved = load(_rng_file(ckpt, accelerator.process_index))
+                if not torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]):
+                    raise RepbendError("its RNG state did not load")
+            state.load_state_dict(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")))
+            _notice(f"resuming from {ckpt} (step {state.step})")
+            return ckpt
+        except errors as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            _notice(f"checkpoint {ckpt} could not be loaded ({type(e).__name__}: {first}); trying the previous one")
+    raise RepbendError(f"--resume: no checkpoint in {candidates[0].parent} could be loaded (see the lines above); "
+                       f"pass --overwrite to start the run over.")
 
 
 def only_trainable_hook(models, weights, output_dir) -> None:
@@ -92,12 +240,19 @@ def only_trainable_hook(models, weights, output_dir) -> None:
             del state[key]
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, unwrapped, keep: int) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, step: int, unwrapped, keep: int, state: TrainState) -> Path:
     path = run_dir / "checkpoints" / f"step-{step:06d}"
+    if accelerator.is_main_process and path.exists():  # left by an earlier attempt (or damaged): write it anew
+        shutil.rmtree(path)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
+        atomic_write_json(path / STATE_FILE, state.state_dict())
         if hasattr(unwrapped, "peft_config"):
             unwrapped.save_pretrained(str(path / "adapter"))
+    accelerator.wait_for_everyone()  # every process's RNG file is on disk before the manifest lists them
+    if accelerator.is_main_process:
+        write_manifest(path, step)
         (path / "DONE").write_text(str(step))
         for old in checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -54,14 +54,18 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         config: Path = typer.Option(..., "--config", "-c", help="Training config YAML (see configs/train-default.yaml)."),
         overrides: Optional[list[str]] = typer.Argument(None, help="Overrides like training.max_steps=10 method.params.beta=0.3."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last good "
+                                    "checkpoint (a run stopped before its first checkpoint starts over)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Remove the earlier run (or another kind of run) "
+                                       "in output_dir and start over; files repbend did not write are kept."),
     ) -> None:
         """Train a model with RepBend (or another registered method) and save the adapter/weights."""
         from repbend.config import load_config
+        from repbend.io import user_path
         from repbend.training import TrainConfig, train
 
-        cfg = load_config(TrainConfig, config, overrides or [])
-        run_dir = train(cfg, resume=resume)
+        cfg = load_config(TrainConfig, user_path(config, "--config"), overrides or [])
+        run_dir = train(cfg, resume=resume, overwrite=overwrite)
         typer.echo(f"done: {run_dir}")
 
     @app.command("merge")

@@ -15,18 +15,19 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from repbend.config import Section, format_errors
 from repbend.errors import RepbendError
+from repbend.io import OptionalUserPath, UserPath
 
 TRAIN_SPLITS = ("safe", "unsafe", "retain")
 
 
 class ModelSection(Section):
     name: str = Field("default", description="Base model: hub id, local folder, or alias (default = SmolLM2-135M-Instruct).")
-    adapter: str | None = Field(None, description="Existing LoRA adapter folder to continue training (LoRA only).")
+    adapter: OptionalUserPath = Field(None, description="Existing LoRA adapter folder to continue training (LoRA only).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (only for models you trust).")
 
 
 class DataSection(Section):
-    dir: str = Field(..., description="Built dataset folder (`repbend data build`): manifest.json + train.jsonl.")
+    dir: UserPath = Field(..., description="Built dataset folder (`repbend data build`): manifest.json + train.jsonl.")
     batch_size: dict[str, int] = Field(
         default_factory=lambda: {"safe": 4, "unsafe": 4, "retain": 4},
         description="Rows per step and process for each split (pair rows follow unsafe).")
@@ -114,7 +115,7 @@ class TrainConfig(Section):
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings (ignored with full_finetune).")
     full_finetune: bool = Field(False, description="Train all weights; the reference is a frozen copy (+1 model in memory).")
     training: TrainingSection = Field(default_factory=TrainingSection, description="Optimisation and logging.")
-    output_dir: str = Field(..., description="Run folder (adapter or weights, config, metrics, checkpoints).")
+    output_dir: UserPath = Field(..., description="Run folder (adapter or weights, config, metrics, checkpoints).")
 
     @model_validator(mode="before")
     @classmethod

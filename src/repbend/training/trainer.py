@@ -12,6 +12,7 @@ across micro-batches). The scheduler steps once per optimizer step (not per proc
 """
 from __future__ import annotations
 
+import csv
 import math
 import time
 from collections import defaultdict
@@ -21,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from repbend.errors import ConfigError, DivergenceError, RepbendError
-from repbend.io import write_run_info
+from repbend.io import output_lock, write_run_info
 from repbend.methods.base import Need, ReferenceStates
 from repbend.seeding import seed_everything
-from repbend.training.checkpoint import TrainState, only_trainable_hook, prepare_run_dir, save_checkpoint
+from repbend.training.checkpoint import (TrainState, load_checkpoint, main_rank, only_trainable_hook, prepare_run_dir,
+                                        save_checkpoint)
 from repbend.training.config import TrainConfig, check_train_config, method_class, model_shape
 from repbend.training.data import (StepSampler, collate_splits, encode_rows, load_rows, repeat_kinds, rows_of,
                                    split_rows)
@@ -132,20 +134,29 @@ def _mean_across(acc, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train ``cfg`` (optionally resuming from the run folder's last checkpoint); return the run folder."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train ``cfg`` (optionally resuming from the run folder's last good checkpoint); return the run folder.
+
+    The run holds an exclusive lock on its folder throughout (a second run there fails at once). ``overwrite``
+    removes an earlier run in the folder (or another kind of run) and starts over.
+    """
+    # ---- cheap checks first: config, files, layer ranges, data splits (no model weights loaded yet) ----
+    shape = model_shape(cfg.model.name)
+    errors = check_train_config(cfg, shape)
+    if errors:
+        raise ConfigError("Invalid training config: " + "; ".join(errors))
+    with output_lock(Path(cfg.output_dir), enabled=main_rank()):
+        return _train(cfg, resume, overwrite, shape)
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, shape) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     from transformers import get_scheduler
 
     t_start = time.time()
     run_dir, tc = Path(cfg.output_dir), cfg.training
-    # ---- cheap checks first: config, files, layer ranges, data splits (no model weights loaded yet) ----
-    shape = model_shape(cfg.model.name)
-    errors = check_train_config(cfg, shape)
-    if errors:
-        raise ConfigError("Invalid training config: " + "; ".join(errors))
-    ckpt = prepare_run_dir(cfg, resume)
+    candidates = prepare_run_dir(cfg, resume, overwrite)
     method_cls, method_cfg = method_class(cfg.method.name), cfg.method.build_config()
     base_rows = load_rows(cfg.data.dir)
     rows = repeat_kinds(base_rows, cfg.data.repeat_kinds)
@@ -167,8 +178,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps)
     model, optimizer = acc.prepare(pair.model, optimizer)
     reference = pair.reference.to(acc.device) if pair.reference is not None else None
-    state = TrainState(sampler, scheduler)
-    acc.register_for_checkpointing(state)
+    state = TrainState(sampler, scheduler)   # saved as JSON next to accelerate's state (checkpoint.py)
     acc.register_save_state_pre_hook(only_trainable_hook)
     unwrapped = acc.unwrap_model(model)
     sharded = acc.distributed_type == DistributedType.FSDP or (
@@ -179,13 +189,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     method.prepare(run.reference_states_fn(base_rows, pair.tokenizer, cfg.data.max_request_tokens,
                                            cfg.data.max_response_tokens))
     run.refresh_needs()
-    tele = Telemetry(run_dir, enabled=acc.is_main_process)
-    if ckpt is not None:
+    tele = _telemetry(run_dir, acc.is_main_process)
+    ckpt = None
+    if candidates:
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED  # DS loads its own full checkpoint
-        acc.load_state(str(ckpt), **({} if deepspeed else {"strict": False}))  # only trainable tensors saved
-        tele.truncate_after(state.step)
+        ckpt = load_checkpoint(acc, candidates, state, deepspeed=deepspeed)  # only trainable tensors saved
+        _truncate_logs(tele, state.step)
     elif acc.is_main_process:
-        write_run_info(run_dir, cfg, tc.seed, status="running", **pair.info)
+        write_run_info(run_dir, cfg, tc.seed, kind="train", status="running", **pair.info)
     acc.wait_for_everyone()
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not acc.is_main_process)
     last_ckpt = ckpt
@@ -230,7 +241,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             if tc.eval_every and state.step % tc.eval_every == 0:
                 _evaluate(run, cfg, pair.tokenizer, tele, state.step)
             if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
-                last_ckpt = save_checkpoint(acc, run_dir, state.step, unwrapped, tc.keep_checkpoints)
+                last_ckpt = save_checkpoint(acc, run_dir, state.step, unwrapped, tc.keep_checkpoints, state)
     except DivergenceError as e:
         where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
         raise DivergenceError(f"Training stopped: {e}; {where}.") from None
@@ -239,11 +250,46 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     _save_final(acc, model, unwrapped, pair.tokenizer, run_dir)
     if acc.is_main_process:
         tele.plot()
-        write_run_info(run_dir, cfg, tc.seed, status="finished", steps=state.step,
+        write_run_info(run_dir, cfg, tc.seed, kind="train", status="finished", steps=state.step,
                        wall_seconds=round(time.time() - t_start, 1), num_processes=acc.num_processes, **pair.info)
     tele.close()
     acc.wait_for_everyone()
     return run_dir
+
+
+_LOG_ERRORS = (ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error)
+
+
+def _telemetry(run_dir: Path, enabled: bool) -> Telemetry:
+    try:
+        return Telemetry(run_dir, enabled=enabled)
+    except _LOG_ERRORS as e:
+        raise RepbendError(_log_problem(run_dir, e)) from None
+
+
+def _truncate_logs(tele: Telemetry, step: int) -> None:
+    """Drop log rows after the resumed step; a damaged log is one error line, not a traceback."""
+    try:
+        tele.truncate_after(step)
+    except _LOG_ERRORS as e:
+        raise RepbendError(_log_problem(tele.run_dir, e)) from None
+
+
+def _log_problem(run_dir: Path, e: Exception) -> str:
+    bad = next((p for p in (run_dir / n for n in ("metrics.csv", "layers.csv", "eval.csv")) if not _readable_csv(p)),
+               run_dir / "metrics.csv")
+    return (f"The training log {bad} is damaged ({type(e).__name__}); fix or delete it (the resumed run then logs "
+            f"only its own steps), or pass --overwrite to start the run over.")
+
+
+def _readable_csv(path: Path) -> bool:
+    if not path.is_file():
+        return True
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return all(int(float(r["step"])) >= 0 for r in csv.DictReader(f))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 def _save_final(acc, model, unwrapped, tokenizer, run_dir: Path) -> None:
