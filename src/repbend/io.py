@@ -280,7 +280,7 @@ def claim_output(folder: Path, kind: str, *, overwrite: bool = False, flag: str 
         what = RUN_KINDS[found]["what"]
     else:
         names = ", ".join(p.name for p in content[:3]) + (", ..." if len(content) > 3 else "")
-        what = f"files repbend did not write ({names})"
+        what = f"other files, not written by repbend ({names})"
     if not overwrite:
         raise RepbendError(f"Output folder {folder} already holds {what}, not {RUN_KINDS[kind]['what']}; choose "
                            f"an empty or new folder, or pass {flag} to replace it.")

@@ -29,8 +29,8 @@ from repbend.data.build_config import DataBuildConfig, SourceSpec
 from repbend.data.dataset import check_row
 from repbend.data.decontam import decontaminate, summarise
 from repbend.errors import RepbendError
-from repbend.io import (append_jsonl, atomic_write_json, package_versions, read_jsonl, sha256_file, sha256_text,
-                        write_jsonl, write_run_info)
+from repbend.io import (append_jsonl, atomic_write_json, claim_output, output_lock, package_versions, read_jsonl,
+                        sha256_file, sha256_text, user_path, write_jsonl, write_run_info)
 
 FORMAT = "repbend-built-dataset/1"
 STATE = ".build.json"
@@ -49,14 +49,14 @@ def config_hash(cfg: DataBuildConfig) -> str:
 
 
 def _prepare_out(out: Path, chash: str, overwrite: bool) -> dict | None:
-    """Check the folder; returns the finished manifest when the same build is already complete."""
+    """Check the folder (while holding its lock); returns the finished manifest when the same build is complete."""
     state = out / STATE
-    if out.exists() and not out.is_dir():
-        raise RepbendError(f"Output {out} is a file; pass a folder path.")
-    if out.is_dir() and any(out.iterdir()):
+    if claim_output(out, "data", overwrite=overwrite) == "data":
         try:
             old = json.loads(state.read_text()) if state.is_file() else None
         except (ValueError, OSError):
+            old = {"config_hash": "unreadable"}
+        if old is not None and not isinstance(old, dict):
             old = {"config_hash": "unreadable"}
         same = old is not None and old.get("config_hash") == chash
         if not same and not overwrite:
@@ -269,9 +269,16 @@ def _model_info(spec: str, model) -> dict:
 
 
 def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
-    """Build (or resume) the training set in ``out_dir``; returns the manifest."""
+    """Build (or resume) the training set in ``out_dir``; returns the manifest.
+
+    The build holds an exclusive lock on ``out_dir`` throughout (a second build there fails at once)."""
+    out = user_path(out_dir, "--output")
+    with output_lock(out):
+        return _build_dataset(cfg, out, overwrite, progress)
+
+
+def _build_dataset(cfg: DataBuildConfig, out: Path, overwrite: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
-    out = Path(out_dir)
     chash = config_hash(cfg)
     finished = _prepare_out(out, chash, overwrite)
     if finished is not None:
@@ -307,7 +314,7 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, overwrite: bool = F
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
     write_jsonl(out / "decontam.jsonl", data["dropped"])
-    write_run_info(out, cfg, seed=cfg.seed, config_hash=chash)
+    write_run_info(out, cfg, seed=cfg.seed, kind="data", config_hash=chash)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     manifest = {
         "format": FORMAT, "config_hash": chash, "seed": cfg.seed, "model": _model_info(cfg.model, model),

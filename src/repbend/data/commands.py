@@ -27,8 +27,12 @@ def build_cmd(
     from repbend.data.build import build_dataset
     from repbend.data.build_config import load_build_config
 
-    cfg = load_build_config(config, list(overrides or []) + ([f"model={model}"] if model else []))
-    manifest = build_dataset(cfg, output, overwrite=overwrite, progress=not no_progress)
+    from repbend.io import user_path
+
+    out = user_path(output, "--output")
+    cfg = load_build_config(str(user_path(config, "--config")) if config is not None else None,
+                            list(overrides or []) + ([f"model={model}"] if model else []))
+    manifest = build_dataset(cfg, out, overwrite=overwrite, progress=not no_progress)
     tr, va = manifest["counts"]["train"], manifest["counts"]["val"]
     typer.echo(f"built {output}: train {tr['total']} rows {tr['by_split']}, val {va['total']} rows {va['by_split']}; "
                f"decontamination dropped {manifest['decontamination']['dropped']}; "
@@ -44,7 +48,9 @@ def show_cmd(
     """Print a built dataset's manifest summary (counts, decontamination, truncation, model, inputs)
     and a few examples of each split."""
     from repbend.data.show import show
-    show(path, examples=examples, width=width)
+    from repbend.io import user_path
+
+    show(str(user_path(path, "PATH")), examples=examples, width=width)
 
 
 @data_app.command("sources")

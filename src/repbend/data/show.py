@@ -13,9 +13,29 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _check_manifest(folder, m: dict) -> None:
+    """The manifest parts the summary prints; a missing one is one error line (a hand-made or foreign manifest)."""
+    from repbend.errors import RepbendError
+
+    def has(d, *keys):
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return False
+            d = d[k]
+        return True
+
+    need = [("counts", p, k) for p in ("train", "val") for k in ("total", "by_split", "by_source")]
+    need += [("decontamination", "by_source")]
+    missing = next((".".join(keys) for keys in need if not has(m, *keys)), None)
+    if missing:
+        raise RepbendError(f"{folder}/manifest.json has no {missing} (it was not written by repbend data build, or was "
+                           f"edited); rebuild the folder with repbend data build.")
+
+
 def show(path: str, examples: int = 2, width: int = 160, console: Console | None = None) -> None:
     ds = load_built(path)
     m = ds.manifest
+    _check_manifest(ds.path, m)
     con = console or Console()
     con.print(Text(f"{ds.path}  format {m.get('format')}  config {m.get('config_hash')}  seed {m.get('seed')}", style="bold"))
     model = m.get("model", {})

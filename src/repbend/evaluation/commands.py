@@ -32,7 +32,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"suite {s.name}: OK — {len(s.benchmarks)} benchmark(s), {len(s.attacks)} attack(s), "
                        f"judge {s.judge['name']}")
             return
-        cfg = EvalConfig(model=model, adapter=adapter, suite=s, output_dir=output_dir, overwrite=overwrite,
+        from repbend.io import user_path
+
+        cfg = EvalConfig(model=model, adapter=adapter, suite=s, output_dir=str(user_path(output_dir, "--output-dir")),
+                         overwrite=overwrite,
                          device=device, dtype=dtype, report=not no_report)
         res = evaluate(cfg)
         typer.echo(f"average ASR {_pct(res['average_asr'])}; over-refusal compliance "

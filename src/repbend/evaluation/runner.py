@@ -51,13 +51,32 @@ def _echo(msg: str) -> None:
     tqdm.write(msg)
 
 
-def prepare_output(out: Path, model: str, adapter: str | None, overwrite: bool) -> None:
-    """Refuse a folder holding another model's results (unless ``overwrite``); clear it when overwriting."""
-    ident_path = out / IDENTITY_FILE
-    if ident_path.is_file():
-        import json
+def read_identity(path: Path, overwrite: bool) -> dict | None:
+    """The folder's ``eval_target.json`` (None if missing, or damaged while ``overwrite``: it is replaced)."""
+    import json
 
-        ident = json.loads(ident_path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        return None
+    try:
+        ident = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(ident, dict):
+            raise ValueError("not an object")
+        return ident
+    except (ValueError, UnicodeDecodeError):
+        if overwrite:
+            return None
+        raise RepbendError(f"{path} is damaged (not the JSON object repbend writes), so the results in {path.parent} "
+                           f"cannot be matched to a model; pass --overwrite to start this evaluation over, or choose "
+                           f"another --output-dir.") from None
+
+
+def prepare_output(out: Path, model: str, adapter: str | None, overwrite: bool) -> None:
+    """Refuse a folder holding another kind of run or another model's results (unless ``overwrite``); clear it when
+    overwriting. Call it while holding the folder's :func:`repbend.io.output_lock`."""
+    claim_output(out, "eval", overwrite=overwrite)
+    ident_path = out / IDENTITY_FILE
+    ident = read_identity(ident_path, overwrite)
+    if ident is not None:
         same = (ident.get("model"), ident.get("adapter")) == (model, adapter)
         if not same and not overwrite:
             raise RepbendError(
@@ -75,11 +94,9 @@ def prepare_output(out: Path, model: str, adapter: str | None, overwrite: bool) 
 
 
 def check_fingerprint(out: Path, ident: dict, overwrite: bool) -> None:
-    import json
-
     path = out / IDENTITY_FILE
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+    old = read_identity(path, overwrite)
+    if old is not None:
         if old.get("fingerprint") != ident["fingerprint"]:
             if not overwrite:
                 raise RepbendError(f"The weights of {ident['model']!r} changed since {out} was written (fingerprint "
@@ -168,7 +185,13 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
     """Evaluate ``cfg.model`` (+ adapter) with ``cfg.suite``; returns the ``results.json`` dict.
 
     Pass ``model``/``tokenizer`` to evaluate an already loaded model (``cfg.model`` is then only a label).
+    The evaluation holds an exclusive lock on its output folder throughout.
     """
+    with output_lock(Path(cfg.output_dir)):
+        return _evaluate(cfg, model, tokenizer)
+
+
+def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
     from repbend.evaluation.judges import JUDGES
     from repbend.evaluation.overrefusal import evaluate_over_refusal
     from repbend.evaluation.store import Store
@@ -191,7 +214,7 @@ def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> di
         timings["load_model"] = round(time.perf_counter() - t0, 2)
     ident = {"model": cfg.model, "adapter": cfg.adapter, "fingerprint": fingerprint_model(model, cfg.model, cfg.adapter or "")}
     check_fingerprint(out, ident, cfg.overwrite)
-    write_run_info(out, cfg, seed=suite.seed, model=cfg.model, adapter=cfg.adapter, fingerprint=ident["fingerprint"])
+    write_run_info(out, cfg, seed=suite.seed, kind="eval", model=cfg.model, adapter=cfg.adapter, fingerprint=ident["fingerprint"])
 
     store = Store(out / "cache.jsonl")
     gen = suite.generation

@@ -52,6 +52,12 @@ def shape_problems(base, weights: Path) -> list[str]:
     return problems
 
 
+def _safetensor_error() -> type:
+    from repbend.models.loading import _SafetensorError
+
+    return _SafetensorError
+
+
 def attach_adapter(model, folder: Path, resolved, *, trainable: bool = False):
     """``PeftModel.from_pretrained(model, folder)`` after checking the adapter fits ``model``."""
     from peft import PeftModel
@@ -71,6 +77,11 @@ def attach_adapter(model, folder: Path, resolved, *, trainable: bool = False):
                            f"was the training run finished?")
     want = str(cfg.get("base_model_name_or_path") or "")
     if weights.suffix == ".safetensors":
+        from repbend.models.loading import damaged_weights
+
+        damaged = damaged_weights(folder, (weights.name,))
+        if damaged:
+            raise RepbendError(damaged.replace("that model folder", "the adapter (or train it)"))
         problems = shape_problems(model, weights)
         if problems:
             raise RepbendError(f"Adapter {folder} does not fit base model {resolved.spec} (it was trained on "
@@ -82,6 +93,6 @@ def attach_adapter(model, folder: Path, resolved, *, trainable: bool = False):
               f"(shapes match)", file=sys.stderr, flush=True)
     try:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, _safetensor_error()) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RepbendError(f"Adapter {folder} could not be loaded on {resolved.spec}: {first}") from None

@@ -151,10 +151,39 @@ def _without_stale_gguf(config):
     return config
 
 
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover - safetensors comes with transformers
+    class _SafetensorError(Exception):
+        pass
+
+
+def damaged_weights(folder: Path, names: tuple[str, ...] = ("*.safetensors",)) -> str | None:
+    """A one-line problem if a safetensors file in ``folder`` is truncated or damaged (header and size checked,
+    without reading the tensors), else None."""
+    from safetensors import safe_open
+
+    for pattern in names:
+        for f in sorted(folder.glob(pattern)):
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    keys = list(st.keys())
+                    if keys:  # the last tensor's data must lie inside the file
+                        st.get_slice(keys[-1])
+            except (_SafetensorError, OSError, ValueError, RuntimeError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                return (f"The weights file {f} is damaged or truncated ({first}); copy or save that model folder "
+                        f"again (a partial download or an interrupted copy leaves such a file).")
+    return None
+
+
 def _from_pretrained(location: str, kind: str, device: str, dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw = {"trust_remote_code": trust_remote_code}
+    damaged = damaged_weights(Path(location)) if kind != "hub" else None
+    if damaged:
+        raise RepbendError(damaged)
     try:
         tok = AutoTokenizer.from_pretrained(location, **kw)
         plain = _without_stale_gguf(AutoConfig.from_pretrained(location, **kw))
@@ -162,7 +191,7 @@ def _from_pretrained(location: str, kind: str, device: str, dtype, trust_remote_
             kw["config"] = plain
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map="auto" if device == "auto" else None,
                                                      **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, _SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if kind == "hub":
             from huggingface_hub import constants as hub_constants

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from repbend.config import Section, load_config, read_yaml
 from repbend.errors import RepbendError
-from repbend.io import write_run_info
+from repbend.io import UserPath, write_run_info
 from repbend.paths import resolve_config
 from repbend.pipeline.stages import Stage, run_stages
 from repbend.pipeline.summary import summarise
@@ -31,7 +31,7 @@ class PipelineConfig(Section):
                                                        "(e.g. training.max_steps=100 for a common budget).")
     suite: str = Field("quick", description="Evaluation suite (quick, full, or a path).")
     suite_overrides: list[str] = Field([], description="Overrides for the suite.")
-    output_dir: str = Field(..., description="Folder holding every stage's output and the final report.")
+    output_dir: UserPath = Field(..., description="Folder holding every stage's output and the final report.")
 
     @field_validator("methods")
     @classmethod

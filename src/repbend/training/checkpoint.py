@@ -120,13 +120,14 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> 
         raise RepbendError("--resume continues the run in output_dir and --overwrite starts it over; pass one of "
                            "them, not both.")
     main = main_rank()
-    found_kind = claim_output(run_dir, "train", overwrite=overwrite and main)
+    if overwrite and not main:  # the main process clears the folder; the others start fresh with it
+        return []
+    found_kind = claim_output(run_dir, "train", overwrite=overwrite)
     if found_kind != "train":
         return []
     if overwrite:
-        if main:
-            _notice(f"--overwrite: removing the earlier run in {run_dir} and starting over")
-            remove_run_files(run_dir, "train")
+        _notice(f"--overwrite: removing the earlier run in {run_dir} and starting over")
+        remove_run_files(run_dir, "train")
         return []
     found = checkpoints(run_dir)
     if not resume:

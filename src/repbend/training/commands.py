@@ -70,8 +70,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("merge")
     def merge_cmd(
-        adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter folder (a training run folder)."),
-        output: Path = typer.Option(..., "--output", "-o", help="New folder for the merged full model."),
+        adapter: str = typer.Option(..., "--adapter", "-a", help="Adapter folder (a training run folder)."),
+        output: str = typer.Option(..., "--output", "-o", help="New folder for the merged full model."),
         base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one recorded in the adapter)."),
         dtype: str = typer.Option("float32", "--dtype", help="Weights dtype of the merged model: float32, bfloat16, float16."),
     ) -> None:
