@@ -222,3 +222,37 @@ def test_corrupt_run_config_and_metrics_are_one_line(finished, tmp_path, tiny_mo
         (run / "metrics.csv").write_bytes(bad)
         code, out, err = cli(capsys, "train", "-c", yaml_path, "--resume")
         one_line_error(code, err, str(run / "metrics.csv"))
+
+
+@pytest.mark.slow  # two torchrun processes start twice (~1-2 min on 2 shared cores)
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_processes_fall_back_together(tiny_model_dir, data_dir, tmp_path):
+    """Only rank 1's RNG file is bad (its manifest rewritten to match): both ranks must resume from the same,
+    previous checkpoint and end with the uninterrupted run's weights."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    yaml_path = write_train_yaml(_cfg(tiny_model_dir, data_dir, run, max_steps=3, save_every=1, keep_checkpoints=3),
+                                 tmp_path / "train.yaml")
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
+
+    def torchrun(*extra, port):
+        out = subprocess.run([shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(port), "-m",
+                              "repbend.cli", "train", "-c", str(yaml_path), *extra], capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stderr
+
+    torchrun(port=29561)
+    expected = load_file(run / "adapter_model.safetensors")
+    newest = run / "checkpoints" / "step-000002"
+    marker = tmp_path / "pwned"
+    (newest / "random_states_1.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    _refresh_manifest(newest)
+    err = torchrun("--resume", port=29562)
+    assert not marker.exists()
+    assert "resuming from" in err and "step-000001" in err
+    _same_weights(run, expected)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -154,7 +155,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> 
     for ckpt in reversed(found):
         problem = verify_checkpoint(ckpt)
         if problem:
-            _notice(f"checkpoint {ckpt} is damaged ({problem}); trying the previous one")
+            if main:
+                _notice(f"checkpoint {ckpt} is damaged ({problem}); trying the previous one")
         else:
             good.append(ckpt)
     if not good:
@@ -205,7 +207,7 @@ def load_checkpoint(accelerator, candidates: list[Path], state: TrainState, *, d
     import torch
 
     errors = (RepbendError, RuntimeError, ValueError, KeyError, TypeError, OSError, EOFError, IndexError,
-              AttributeError, __import__("pickle").UnpicklingError)
+              AttributeError, pickle.UnpicklingError)
     try:
         from safetensors import SafetensorError
         errors += (SafetensorError,)
@@ -224,11 +226,21 @@ def load_checkpoint(accelerator, candidates: list[Path], state: TrainState, *, d
                 if not torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]):
                     raise RepbendError("its RNG state did not load")
             state.load_state_dict(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")))
-            _notice(f"resuming from {ckpt} (step {state.step})")
-            return ckpt
+            ok = True
         except errors as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            _notice(f"checkpoint {ckpt} could not be loaded ({type(e).__name__}: {first}); trying the previous one")
+            if isinstance(e, pickle.UnpicklingError):
+                why = "a file holds pickled objects other than tensors; refused, as loading them could run code"
+            else:
+                why = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:200]
+            _notice(f"checkpoint {ckpt} could not be loaded ({why}); trying the previous one")
+            ok = False
+        if accelerator.num_processes > 1:  # every process resumes from the same checkpoint
+            failed = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+            ok = float(accelerator.reduce(failed, reduction="sum")) == 0
+        if ok:
+            if accelerator.is_main_process:
+                _notice(f"resuming from {ckpt} (step {state.step})")
+            return ckpt
     raise RepbendError(f"--resume: no checkpoint in {candidates[0].parent} could be loaded (see the lines above); "
                        f"pass --overwrite to start the run over.")
 
