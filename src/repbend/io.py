@@ -307,8 +307,15 @@ def output_lock(folder: Path, *, enabled: bool = True) -> Iterator[Path]:
         return
     if folder.exists() and not folder.is_dir():
         raise RepbendError(f"Output {folder} is a file, not a folder; pass a folder path.")
-    folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # O_NOFOLLOW: a lock "file" planted as a symlink must not make us truncate whatever it points to
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise RepbendError(f"Cannot create or lock the output folder {folder} ({e.strerror}: "
+                           f"{e.filename or folder}); choose a folder you can write to (and remove a "
+                           f"{LOCK_FILE} that is not a plain file).") from None
+    f = os.fdopen(fd, "r+", encoding="utf-8")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

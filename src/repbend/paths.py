@@ -16,8 +16,8 @@ CONFIG_DIR = next((d for d in (_HERE.parents[2] / "configs", _HERE.parent / "con
 
 
 def resolve_config(name: str | Path, sub: str = "") -> Path:
-    """Return the YAML file for ``name`` (a path, or a name under ``configs/<sub>``)."""
-    p = Path(name)
+    """Return the YAML file for ``name`` (a path, ``~`` expanded, or a name under ``configs/<sub>``)."""
+    p = Path(name).expanduser()
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
             raise RepbendError(f"Config file {p} does not exist; pass an existing YAML file or a name from {CONFIG_DIR}.")

@@ -155,7 +155,11 @@ def test_tilde_is_expanded_in_user_paths(fixtures, trained, tiny_model_dir, data
     code, _, err = cli(capsys, "merge", "-a", "~/new", "-o", "~/merged")
     assert code == 0, err
     assert (home / "merged" / "model.safetensors").is_file()
-    code, out, err = cli(capsys, "data", "show", "~/built", "-n", "0")
+    code, out, err = cli(capsys, "data", "show", "~/built", "-n", "0")   # found (then: a manifest without counts)
+    one_line_error(code, err, str(home / "built" / "manifest.json"))
+    shutil.copy(suite_file, home / "suite.yaml")
+    code, out, err = cli(capsys, "eval", "-s", "~/suite.yaml", "-o", "~/e", "--validate-only")
+    assert code == 0 and "suite tiny: OK" in out, err
     assert "~" not in [p.name for p in cwd.iterdir()] and list(cwd.iterdir()) == []
 
 
@@ -211,3 +215,26 @@ def test_corrupt_eval_target_is_one_line(suite_file, tiny_model_dir, tmp_path, c
 def test_data_show_on_a_manifest_without_counts_is_one_line(data_dir, capsys):
     code, _, err = cli(capsys, "data", "show", data_dir)
     one_line_error(code, err, "manifest.json", "repbend data build")
+
+
+def test_a_planted_lock_symlink_is_not_followed(tmp_path, capsys):
+    from repbend.errors import RepbendError
+    from repbend.io import output_lock
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".repbend.lock").symlink_to(victim)
+    with pytest.raises(RepbendError, match="Cannot create or lock the output folder"):
+        with output_lock(out):
+            pass
+    assert victim.read_text() == "keep me"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RepbendError, match="is a file"):
+        with output_lock(blocker):
+            pass
+    with pytest.raises(RepbendError, match="Cannot create or lock"):
+        with output_lock(blocker / "below"):
+            pass
