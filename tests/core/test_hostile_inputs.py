@@ -238,3 +238,22 @@ def test_a_planted_lock_symlink_is_not_followed(tmp_path, capsys):
     with pytest.raises(RepbendError, match="Cannot create or lock"):
         with output_lock(blocker / "below"):
             pass
+
+
+def test_a_cached_answer_without_its_text_is_generated_again(tiny_model, tiny_tokenizer, tmp_path):
+    """A cache line edited down to its key (valid JSON, no text) must not crash the evaluation: it is regenerated."""
+    from repbend.evaluation.store import Store
+    from repbend.evaluation.target import ModelTarget
+    from repbend.evaluation.types import Conversation, GenSettings
+
+    def target():
+        return ModelTarget(tiny_model, tiny_tokenizer, Store(tmp_path / "cache.jsonl"), batch_size=2,
+                           fingerprint="fp", settings=GenSettings(max_new_tokens=3), progress=False)
+
+    convs = [Conversation(f"b{i}", "direct", "", [{"role": "user", "content": f"Say {i}"}]) for i in range(2)]
+    first = target().generate(convs)
+    lines = (tmp_path / "cache.jsonl").read_text().splitlines()
+    damaged = {"key": json.loads(lines[0])["key"], "kind": "completion"}
+    (tmp_path / "cache.jsonl").write_text("\n".join([json.dumps(damaged), *lines[1:]]) + "\n")
+    t = target()
+    assert t.generate(convs) == first and t.stats["generated"] == 1 and t.stats["cached"] == 1

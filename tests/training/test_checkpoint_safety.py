@@ -217,6 +217,9 @@ def test_corrupt_run_config_and_metrics_are_one_line(finished, tmp_path, tiny_mo
         (run / "config.yaml").write_bytes(bad)
         code, out, err = cli(capsys, "train", "-c", yaml_path, "--resume")
         one_line_error(code, err, str(run / "config.yaml"))
+    (run / "config.yaml").unlink()
+    code, out, err = cli(capsys, "train", "-c", yaml_path, "--resume")
+    one_line_error(code, err, "config.yaml", "--overwrite")
     (run / "config.yaml").write_bytes(good)
     for bad in (b"\xff\xfe\x00\x01binary\n", b"step,lr\nnot-a-step,1\n"):
         (run / "metrics.csv").write_bytes(bad)

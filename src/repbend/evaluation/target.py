@@ -88,7 +88,7 @@ class ModelTarget:
         todo: dict[str, list[int]] = {}      # settings key -> first index of each distinct missing request
         seen: set[str] = set()
         for i, ks in enumerate(keys):
-            if all(k in self.store for k in ks):
+            if all(self._cached(k) for k in ks):
                 self.stats["cached"] += len(ks)
             elif ks[0] not in seen:
                 seen.add(ks[0])
@@ -108,6 +108,11 @@ class ModelTarget:
                         self._run_batch([conversations[i] for i in part], eff[part[0]], [keys[i] for i in part])
                         bar.update(sum(eff[i].num_samples for i in part))
         return [[self.store.get(k)["text"] for k in ks] for ks in keys]
+
+    def _cached(self, key: str) -> bool:
+        """Whether the store holds a usable answer under ``key`` (a record without its text is generated again)."""
+        rec = self.store.get(key)
+        return rec is not None and isinstance(rec.get("text"), str)
 
     def _run_batch(self, convs: list[Conversation], s: GenSettings, keys: list[list[str]]) -> None:
         gen = self._generate_fn
