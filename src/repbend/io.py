@@ -225,29 +225,26 @@ def folder_contents(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name not in _IGNORED)
 
 
+# run_info.json keys that only one kind of run writes (folders written before ``kind`` was recorded)
+_INFO_KEYS = {"status": "train", "fingerprint": "eval", "config_hash": "data", "merged_from": "merge"}
+
+
 def run_kind(folder: Path) -> str | None:
     """The kind of run in ``folder`` (``run_info.json``'s ``kind``, else recognised from its files), or None."""
-    info = folder / "run_info.json"
-    if info.is_file():
+    info: Any = {}
+    if (folder / "run_info.json").is_file():
         try:
-            kind = json.loads(info.read_text(encoding="utf-8")).get("kind")
-        except (ValueError, OSError, AttributeError):
-            kind = None
-        if kind in RUN_KINDS:
-            return kind
+            info = json.loads((folder / "run_info.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            info = {}
+    if not isinstance(info, dict):
+        info = {}
+    if info.get("kind") in RUN_KINDS:
+        return info["kind"]
     for kind, spec in RUN_KINDS.items():
         if any((folder / m).exists() for m in spec["markers"]):
             return kind
-    if info.is_file() and _merged(info):
-        return "merge"
-    return None
-
-
-def _merged(info: Path) -> bool:
-    try:
-        return "merged_from" in json.loads(info.read_text(encoding="utf-8"))
-    except (ValueError, OSError, TypeError):
-        return False
+    return next((kind for key, kind in _INFO_KEYS.items() if key in info), None)
 
 
 def remove_run_files(folder: Path, kind: str) -> None:

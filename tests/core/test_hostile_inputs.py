@@ -257,3 +257,19 @@ def test_a_cached_answer_without_its_text_is_generated_again(tiny_model, tiny_to
     (tmp_path / "cache.jsonl").write_text("\n".join([json.dumps(damaged), *lines[1:]]) + "\n")
     t = target()
     assert t.generate(convs) == first and t.stats["generated"] == 1 and t.stats["cached"] == 1
+
+
+def test_run_kind_is_recorded_and_recognised_in_older_folders(trained, tmp_path):
+    from repbend.io import claim_output, run_kind
+
+    assert json.loads((trained / "run_info.json").read_text())["kind"] == "train" and run_kind(trained) == "train"
+    for info, kind in (({"status": "running"}, "train"), ({"fingerprint": "ab"}, "eval"),
+                       ({"config_hash": "cd"}, "data"), ({"merged_from": {}}, "merge"), ([1], None)):
+        d = tmp_path / str(kind)
+        d.mkdir(exist_ok=True)
+        (d / "run_info.json").write_text(json.dumps(info))
+        assert run_kind(d) == kind
+    assert claim_output(tmp_path / "missing", "eval") is None
+    (tmp_path / "only-lock").mkdir()
+    (tmp_path / "only-lock" / ".repbend.lock").write_text("")
+    assert claim_output(tmp_path / "only-lock", "train") is None
