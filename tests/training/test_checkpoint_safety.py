@@ -259,3 +259,23 @@ def test_two_processes_fall_back_together(tiny_model_dir, data_dir, tmp_path):
     assert not marker.exists()
     assert "resuming from" in err and "step-000001" in err
     _same_weights(run, expected)
+
+
+def test_checkpoints_of_an_older_repbend_resume_without_running_pickles(finished, tmp_path, tiny_model_dir, data_dir,
+                                                                       capsys):
+    """A checkpoint without a manifest, its loop state in custom_checkpoint_0.pkl (as repbend wrote them before):
+    step 2's state file is planted code, step 1's is genuine. Resume refuses the first without running it and
+    continues from step 1 to the uninterrupted run's weights."""
+    run, yaml_path = _copy(finished, tmp_path, tiny_model_dir, data_dir)
+    marker = tmp_path / "pwned"
+    for ckpt in (run / "checkpoints").iterdir():
+        state = json.loads((ckpt / "train_state.json").read_text())
+        (ckpt / "train_state.json").unlink()
+        (ckpt / "manifest.json").unlink()
+        torch.save(state, ckpt / "custom_checkpoint_0.pkl")
+    (run / "checkpoints" / "step-000002" / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    code, out, err = cli(capsys, "train", "-c", yaml_path, "--resume")
+    assert not marker.exists()
+    assert code == 0, err
+    assert "older repbend" in err and "resuming from" in err and "step-000001" in err
+    _same_weights(run, finished[1])

@@ -9,9 +9,11 @@ those libraries). A LoRA checkpoint also carries ``adapter/`` (``PeftModel.from_
 intermediate steps can be evaluated.
 
 ``manifest.json`` lists every file of the checkpoint with its size and sha256; ``DONE`` is written last. Resuming
-verifies the newest checkpoint against its manifest and loads it; a checkpoint that fails (a truncated or edited
-file, one that does not load) is reported in one warning line and the previous one is tried. None usable: one
-error line.
+verifies the newest checkpoint against its manifest and loads it; a checkpoint that fails (a truncated, edited or
+added file, one that does not load, an RNG state that was not applied) is reported in one warning line and the
+previous one is tried; every process of a distributed run agrees on the one it resumes from. None usable: one
+error line. Checkpoints of an older repbend (no manifest, the loop state pickled in ``custom_checkpoint_0.pkl``)
+are loaded unverified with the same code-free loaders (``weights_only=True``; accelerate never sees that file).
 
 Resuming checks that the run folder's saved config matches the new one on everything that shapes
 the weights (model, method, LoRA, full_finetune, data, seed, batch sizes) BEFORE any model is loaded.
@@ -24,6 +26,8 @@ import pickle
 import re
 import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -35,6 +39,7 @@ from repbend.training.config import TrainConfig
 _STEP = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 STATE_FILE = "train_state.json"
+LEGACY_STATE = "custom_checkpoint_0.pkl"   # where checkpoints without a manifest kept the loop state
 FORMAT = "repbend-checkpoint/1"
 # Settings that must not change between a run and its resumption (dotted paths into the config).
 MUST_MATCH = ("model", "method", "lora", "full_finetune", "data.dir", "data.batch_size", "data.max_request_tokens",
@@ -169,9 +174,14 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> 
 
 # ---------------------------------------------------------------- writing, verifying, loading
 
+def _listing(ckpt: Path) -> list[str]:
+    """Every file of a checkpoint (relative paths) except the manifest and DONE."""
+    return [p.relative_to(ckpt).as_posix() for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and p.relative_to(ckpt).as_posix() not in (MANIFEST, "DONE")]
+
+
 def write_manifest(ckpt: Path, step: int) -> None:
-    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name not in (MANIFEST, "DONE")}
+    files = {rel: {"size": (ckpt / rel).stat().st_size, "sha256": sha256_file(ckpt / rel)} for rel in _listing(ckpt)}
     atomic_write_json(ckpt / MANIFEST, {"format": FORMAT, "step": step, "files": files})
 
 
@@ -183,9 +193,14 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         if not isinstance(files, dict) or STATE_FILE not in files:
             return f"{MANIFEST} lists no {STATE_FILE}"
     except FileNotFoundError:
-        return f"no {MANIFEST}: written by an older repbend or cut off, so it cannot be verified"
+        if (ckpt / LEGACY_STATE).is_file():  # an older repbend's checkpoint: loaded with the same safe loaders
+            return None
+        return f"no {MANIFEST}: cut off while being written, so it cannot be verified"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
+    extra = sorted(set(_listing(ckpt)) - set(files))
+    if extra:
+        return f"{extra[0]} is not in its {MANIFEST} (added after the checkpoint was written)"
     for rel, entry in files.items():
         p = ckpt / rel
         if not p.is_file():
@@ -220,14 +235,15 @@ def load_checkpoint(accelerator, candidates: list[Path], state: TrainState, *, d
             if not deepspeed and not _rng_file(ckpt, accelerator.process_index).is_file():
                 raise RepbendError(f"it has no RNG state for process {accelerator.process_index} (resume with the "
                                    f"number of processes that wrote it)")
-            accelerator.load_state(str(ckpt), **({} if deepspeed else {"strict": False}))
+            with _state_view(ckpt) as folder:
+                accelerator.load_state(str(folder), **({} if deepspeed else {"strict": False}))
             if not deepspeed:  # accelerate skips an RNG file it cannot read without a word: check it was applied
                 from accelerate.utils import load
 
                 saved = load(_rng_file(ckpt, accelerator.process_index))
                 if not torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]):
                     raise RepbendError("its RNG state did not load")
-            state.load_state_dict(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")))
+            state.load_state_dict(_read_state(ckpt))
             ok = True
         except errors as e:
             if isinstance(e, pickle.UnpicklingError):
@@ -245,6 +261,31 @@ def load_checkpoint(accelerator, candidates: list[Path], state: TrainState, *, d
             return ckpt
     raise RepbendError(f"--resume: no checkpoint in {candidates[0].parent} could be loaded (see the lines above); "
                        f"pass --overwrite to start the run over.")
+
+
+@contextmanager
+def _state_view(ckpt: Path):
+    """The folder accelerate loads: ``ckpt`` itself, or for an older checkpoint a view of it without the pickled loop
+    state (accelerate would unpickle it with code allowed; :func:`_read_state` reads it safely instead)."""
+    if not (ckpt / LEGACY_STATE).is_file():
+        yield ckpt
+        return
+    with tempfile.TemporaryDirectory(prefix="repbend-ckpt-") as tmp:
+        for entry in ckpt.iterdir():
+            if entry.name != LEGACY_STATE:
+                (Path(tmp) / entry.name).symlink_to(entry.resolve())
+        yield Path(tmp)
+
+
+def _read_state(ckpt: Path) -> dict:
+    if (ckpt / STATE_FILE).is_file() or not (ckpt / LEGACY_STATE).is_file():
+        return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    import torch
+
+    if main_rank():
+        _notice(f"{ckpt} has no {MANIFEST} (written by an older repbend): its files are not verified, only loaded "
+                f"without running pickled code")
+    return torch.load(ckpt / LEGACY_STATE, map_location="cpu", weights_only=True)
 
 
 def only_trainable_hook(models, weights, output_dir) -> None:
