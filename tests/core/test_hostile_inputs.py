@@ -273,3 +273,17 @@ def test_run_kind_is_recorded_and_recognised_in_older_folders(trained, tmp_path)
     (tmp_path / "only-lock").mkdir()
     (tmp_path / "only-lock" / ".repbend.lock").write_text("")
     assert claim_output(tmp_path / "only-lock", "train") is None
+
+
+def test_a_damaged_manifest_of_a_finished_build_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from repbend.data.build import STATE, config_hash
+    from repbend.data.build_config import load_build_config
+
+    out = tmp_path / "data"
+    out.mkdir()
+    chash = config_hash(load_build_config(None, [f"model={tiny_model_dir}"]))
+    (out / STATE).write_text(json.dumps({"config_hash": chash}))
+    for bad in ("{oops", json.dumps({"counts": 3})):
+        (out / "manifest.json").write_text(bad)
+        code, _, err = cli(capsys, "data", "build", "-m", tiny_model_dir, "-o", out)
+        one_line_error(code, err, str(out / "manifest.json"), "--overwrite")

@@ -67,10 +67,22 @@ def _prepare_out(out: Path, chash: str, overwrite: bool) -> dict | None:
             for name in OUR_FILES:
                 (out / name).unlink(missing_ok=True)
         elif (out / "manifest.json").is_file():
-            return json.loads((out / "manifest.json").read_text())
+            return _finished_manifest(out / "manifest.json")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state, {"format": FORMAT, "config_hash": chash})
     return None
+
+
+def _finished_manifest(path: Path) -> dict:
+    """The manifest of a finished build in the folder, with one error line when it is damaged."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(m, dict) and all(isinstance(m.get(k), dict) for k in ("counts", "decontamination", "timings")):
+            return m
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise RepbendError(f"{path} is damaged (not the manifest repbend data build writes); pass --overwrite to build "
+                       f"the folder again.")
 
 
 def _sample(rows: list[dict], spec: SourceSpec, seed: int, salt: str) -> list[dict]:
