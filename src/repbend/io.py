@@ -312,7 +312,7 @@ def output_lock(folder: Path, *, enabled: bool = True) -> Iterator[Path]:
         raise RepbendError(f"Cannot create or lock the output folder {folder} ({e.strerror}: "
                            f"{e.filename or folder}); choose a folder you can write to (and remove a "
                            f"{LOCK_FILE} that is not a plain file).") from None
-    f = os.fdopen(fd, "r+", encoding="utf-8")
+    f = os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
