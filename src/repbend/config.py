@@ -19,9 +19,10 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, and no float
+    may be infinite or NaN (``lr: .inf`` is an error, not a run that diverges at step 1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -30,6 +31,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {p} does not exist; pass an existing YAML file (see configs/).")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"Config file {p} is not UTF-8 text (byte {e.start}); pass a YAML file.") from None
+    except OSError as e:
+        raise ConfigError(f"Config file {p} cannot be read ({e.strerror}); check the path and its permissions.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

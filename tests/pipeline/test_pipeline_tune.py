@@ -204,3 +204,26 @@ def test_eval_dtype_of_the_sweep_reaches_the_evaluation(tmp_path, monkeypatch):
     assert seen == {"dtype": "float32", "device": "cpu"}
     tune.run_trial(_sweep(), trial, tmp_path, None)
     assert seen == {"dtype": None, "device": None}
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../escape", "...", ".hidden", "@"])
+def test_trial_names_cannot_leave_the_output_folder(tmp_path, name):
+    out, sibling = tmp_path / "out", tmp_path / "train"
+    sibling.mkdir()
+    (sibling / "mine.txt").write_text("a user's file")
+    with pytest.raises(ConfigError, match="trial name"):
+        tune.run_sweep(tune.SweepConfig.model_validate({"trials": [{"name": name}], "baseline": False}), out)
+    assert (sibling / "mine.txt").read_text() == "a user's file"
+    assert {p.name for p in tmp_path.iterdir()} <= {"out", "train"}
+
+
+def test_other_characters_become_underscores_inside_the_output_folder():
+    assert [tune.trial_slug(n) for n in ("/abs", "a/../b", "lr=1e-05 x")] == ["_abs", "a_.._b", "lr=1e-05_x"]
+
+
+@pytest.mark.parametrize("names", [["lr a", "lr_a"], ["A", "a"], ["x@s0", "x_s0"]])
+def test_trial_names_sharing_a_folder_are_an_error_naming_both(names):
+    with pytest.raises(ConfigError) as e:
+        tune.expand(tune.SweepConfig.model_validate({"trials": [{"name": n} for n in names]}))
+    assert all(repr(n) in str(e.value) for n in names)
+

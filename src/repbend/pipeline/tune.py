@@ -110,8 +110,24 @@ def expand(cfg: SweepConfig) -> list[dict]:
         out = [{**t, "name": f"{t['name']}@s{sd}", "overrides": [*t["overrides"], f"training.seed={sd}"],
                 "base": t["name"], "seed": sd} for t in out for sd in cfg.seeds]
     for t in out:
-        t["slug"] = "".join(c if c.isalnum() or c in "=.-_" else "_" for c in t["name"])
+        t["slug"] = trial_slug(t["name"])
+    folders: dict[str, str] = {BASELINE: BASELINE}
+    for t in out:
+        other = folders.setdefault(t["slug"].lower(), t["name"])
+        if other != t["name"]:
+            raise ConfigError(f"trial names {other!r} and {t['name']!r} map to the same folder {t['slug']!r}; "
+                              f"rename one of them")
     return out
+
+
+def trial_slug(name: str) -> str:
+    """The folder name of a trial under the sweep's output folder: letters, digits and ``=.-_`` kept, the
+    rest ``_``; a name that would not be a plain sub-folder (``..``, ``.x``, no letter or digit) is an error."""
+    slug = "".join(c if c.isalnum() or c in "=.-_" else "_" for c in name)
+    if slug.startswith(".") or not any(c.isalnum() for c in slug):
+        raise ConfigError(f"trial name {name!r} cannot name a folder inside the output folder; start it with a "
+                          f"letter or digit (e.g. lr_high)")
+    return slug
 
 
 def load_sweep(path: str) -> SweepConfig:
