@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
         cfg = EvalConfig(model=model, adapter=adapter, suite=s, output_dir=output_dir, overwrite=overwrite,
                          device=device, dtype=dtype, report=not no_report)
         res = evaluate(cfg)
-        typer.echo(f"average ASR {_pct(res['average_asr'])}; over-refusal compliance "
-                   f"{_pct(res['over_refusal'].get('compliance'))}; judge {res['judge']['name']}")
+        typer.echo(f"average ASR {_pct(res.average_asr)}; over-refusal compliance "
+                   f"{_pct(res.over_refusal.compliance)}; judge {res.judge_name}")
 
 
 def _pct(x: float | None) -> str:
