@@ -32,7 +32,7 @@ RESULTS = {
 }
 
 
-def test_attack_means():
+def test_attack_rate_averages_over_benchmarks():
     assert Results.coerce(RESULTS).attack_rate("asr") == {"direct": pytest.approx(0.5), "templates": pytest.approx(0.25)}
 
 

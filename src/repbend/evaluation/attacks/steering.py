@@ -28,7 +28,6 @@ import torch
 from pydantic import Field, PositiveFloat
 
 from repbend.config import Section
-from repbend.errors import RepbendError
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.attacks.refusal_direction import candidate_layers, contrast_states
 from repbend.evaluation.store import make_key
