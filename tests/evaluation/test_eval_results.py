@@ -12,14 +12,14 @@ from repbend.evaluation.results import Results
 
 HERE = Path(__file__).parent
 OLD = {   # the shape older versions wrote: benign_kl as a dict, cells without worst_case, keys the model does not name
-    "asr": {"direct": {"hb": {"n": 4, "asr": 0.5, "gibberish": 0.25, "refusal": 0.25, "n_completions": 4}},
-            "templates": {"hb": {"n": 4, "asr": 0.25, "worst_case": 0.5, "gibberish": 0.0, "refusal": 0.75,
-                                 "n_completions": 8,
+    "asr": {"direct": {"hb": {"n": 4, "n_completions": 4, "asr": 0.5, "gibberish": 0.25, "refusal": 0.25}},
+            "templates": {"hb": {"n": 4, "n_completions": 8, "asr": 0.25, "gibberish": 0.0, "refusal": 0.75,
+                                 "worst_case": 0.5,
                                  "per_variant": {"a": {"n_completions": 4, "asr": 0.5, "gibberish": 0.0, "refusal": 0.5},
                                                  "b": {"n_completions": 4, "asr": 0.0, "gibberish": 0.0, "refusal": 1.0}}}}},
     "average_asr": 0.375,
-    "over_refusal": {"n": 2, "compliance": 1.0, "judge": "default",
-                     "sets": {"overrefusal": {"n": 2, "compliance": 1.0, "refusal": 0.0, "gibberish": 0.0}}},
+    "over_refusal": {"judge": "default", "sets": {"overrefusal": {"n": 2, "compliance": 1.0, "refusal": 0.0,
+                                                                  "gibberish": 0.0}}, "n": 2, "compliance": 1.0},
     "capability": {"mmlu": 0.3, "benign_kl": {"kl": 0.02, "n": 8}},
     "judge": {"name": "default", "config": {"window": 240}},
     "meta": {"model": "default", "adapter": None, "suite": {"name": "quick", "config": {}}, "extra_key": [1, 2]},
@@ -28,7 +28,7 @@ OLD = {   # the shape older versions wrote: benign_kl as a dict, cells without w
 
 def test_a_file_round_trips_unchanged_and_reads_typed():
     r = Results.coerce(json.loads(json.dumps(OLD)))
-    assert r.to_json() == OLD
+    assert json.dumps(r.to_json()) == json.dumps(OLD)            # same keys, values and order
     assert r.attack_rate("asr") == {"direct": 0.5, "templates": 0.25}
     assert r.attack_rate("worst_case") == {"direct": None, "templates": 0.5}
     assert r.benign_kl == 0.02 and r.capability_numbers() == {"mmlu": 0.3}
@@ -60,5 +60,5 @@ REAL = Path("/work/baseline-out/demo-quick/eval-original/results.json")
 
 @pytest.mark.skipif(not REAL.is_file(), reason="needs a results.json written by `repbend demo`")
 def test_a_real_demo_results_file_round_trips():
-    data = json.loads(REAL.read_text())
-    assert Results.load(REAL).to_json() == data
+    text = REAL.read_text()
+    assert json.dumps(Results.load(REAL).to_json(), indent=2, ensure_ascii=False) + "\n" == text   # byte for byte

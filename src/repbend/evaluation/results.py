@@ -5,7 +5,8 @@ reports (``report.py``, ``report_compare.py``), the pipeline summary and the tun
 :meth:`Results.load`, which turns a missing, non-JSON or malformed file into one-line
 :class:`~repbend.errors.RepbendError`. Every part allows keys it does not name (``extra="allow"``) and a
 written file holds exactly the keys that were set, so files written by older versions read back and
-round-trip unchanged.
+round-trip unchanged; fields are declared in the order the runner writes them, so a file is written
+byte for byte as before the model existed.
 """
 from __future__ import annotations
 
@@ -34,10 +35,14 @@ class Rates(_Part):
     refusal: float | None = None
 
 
-class Cell(Rates):
-    """One attack on one benchmark (see :func:`repbend.evaluation.scoring.summarize`)."""
+class Cell(_Part):
+    """One attack on one benchmark (see :func:`repbend.evaluation.scoring.summarize`; fields in its order)."""
 
     n: int | None = None
+    n_completions: int | None = None
+    asr: float | None = None
+    gibberish: float | None = None
+    refusal: float | None = None
     worst_case: float | None = None
     per_variant: dict[str, Rates] | None = None
 
@@ -52,10 +57,10 @@ class SetRates(_Part):
 
 
 class OverRefusal(_Part):
-    n: int | None = 0
-    compliance: float | None = None      # of the held-out over-refusal set (the headline)
     judge: str | None = None
     sets: dict[str, SetRates] = Field(default_factory=dict)
+    n: int | None = 0
+    compliance: float | None = None      # of the held-out over-refusal set (the headline)
 
 
 class JudgeInfo(_Part):
