@@ -55,10 +55,16 @@ def test_malformed_results_are_one_line_errors(tmp_path, capsys, text, fragment)
         assert e.value.code == 2 and err.startswith("error:") and err.strip().count("\n") == 0
 
 
-REAL = Path("/work/baseline-out/demo-quick/eval-original/results.json")
+DEMO = HERE / "fixtures" / "demo-original"     # results.json and report.md written by `repbend demo` (quick profile)
 
 
-@pytest.mark.skipif(not REAL.is_file(), reason="needs a results.json written by `repbend demo`")
-def test_a_real_demo_results_file_round_trips():
-    text = REAL.read_text()
-    assert json.dumps(Results.load(REAL).to_json(), indent=2, ensure_ascii=False) + "\n" == text   # byte for byte
+def test_a_demo_results_file_round_trips_byte_for_byte_and_renders_the_same_report():
+    from repbend.evaluation.report import render_report
+
+    text = (DEMO / "results.json").read_text(encoding="utf-8")
+    results = Results.load(DEMO)
+    assert json.dumps(results.to_json(), indent=2, ensure_ascii=False) + "\n" == text
+    old = (DEMO / "report.md").read_text(encoding="utf-8").splitlines()
+    new = render_report(results).splitlines()
+    assert [a for a, b in zip(old, new) if a != b] == [old[-2]] and old[-2].startswith("- report written")
+    assert len(old) == len(new)
