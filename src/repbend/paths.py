@@ -1,7 +1,7 @@
 """Where shipped configs live, and how a config name resolves to a file.
 
 A config argument may be a path to a YAML file or a bare name: ``quick`` (suite), ``train-default``,
-``data-default``. Bare names are looked up in ``<checkout>/configs[/<sub>]/<name>.yaml``.
+``data-default``. Bare names are looked up in ``repbend/configs[/<sub>]/<name>.yaml``, which ships in the wheel.
 """
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ from pathlib import Path
 
 from repbend.errors import ConfigError
 
-_HERE = Path(__file__).resolve()
-# source checkout: <repo>/configs ; installed wheel: repbend/configs (package data)
-CONFIG_DIR = next((d for d in (_HERE.parents[2] / "configs", _HERE.parent / "configs") if d.is_dir()),
-                  _HERE.parents[2] / "configs")
+# Shipped inside the package (a source checkout's top-level ``configs`` is a link to this folder).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def shipped_names(sub: str = "") -> list[str]:
