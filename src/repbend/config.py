@@ -19,9 +19,10 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, and no float
+    may be infinite or NaN (``lr: .inf`` is an error, not a run that diverges at step 1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -30,6 +31,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {p} does not exist; pass an existing YAML file (see configs/).")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"Config file {p} is not UTF-8 text (byte {e.start}); pass a YAML file.") from None
+    except OSError as e:
+        raise ConfigError(f"Config file {p} cannot be read ({e.strerror}); check the path and its permissions.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -41,10 +46,60 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _list_entry(node: list, part: str, item: str, where: str) -> int:
+    """Index of a list entry named by position (``0``) or by its unique ``label``/``name`` (``attacks.gcg``)."""
+    if part.isdigit():
+        if int(part) >= len(node):
+            raise ConfigError(f"Override {item!r}: {where} is a list of {len(node)}; index it with 0.."
+                              f"{len(node) - 1} or an entry's label.")
+        return int(part)
+    hits = [i for i, x in enumerate(node) if isinstance(x, dict) and part in (x.get("label"), x.get("name"))]
+    if len(hits) != 1:
+        raise ConfigError(f"Override {item!r}: {part!r} matches {len(hits)} entries; use the list index or a "
+                          f"unique label.")
+    return hits[0]
+
+
+def set_value(data: dict[str, Any], key: str, value: Any, item: str | None = None) -> None:
+    """Set ``dotted.key`` in ``data`` (in place) to ``value`` as it is (no parsing); missing sections are made.
+
+    A part that meets a list selects an entry by index or by its ``label``/``name``: ``attacks.gcg.steps``.
+    """
+    item = item or key
+    node: Any = data
+    parts = key.strip().split(".")
+    if not key.strip() or not all(parts):
+        raise ConfigError(f"Override {item!r} must look like section.field=value (e.g. training.max_steps=10).")
+    for i, part in enumerate(parts):
+        last, where = i == len(parts) - 1, ".".join(parts[:i]) or "<root>"
+        if isinstance(node, list):
+            idx: Any = _list_entry(node, part, item, where)
+        elif isinstance(node, dict):
+            idx = part
+        else:
+            raise ConfigError(f"Override {item!r}: {where} is a value, not a section.")
+        if last:
+            node[idx] = value
+        elif isinstance(node, list):
+            node = node[idx]
+        else:
+            node = node.setdefault(idx, {})
+
+
+def set_values(data: dict[str, Any], values: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``data`` with typed ``{dotted.key: value}`` set (what code sets; users write overrides)."""
+    out = copy.deepcopy(data)
+    for key, value in (values or {}).items():
+        set_value(out, key, copy.deepcopy(value))
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``3``, ``[1,2]``, ``null``).
 
-    A numeric part indexes a list that is already there: ``harmful.0.max_rows=50``.
+    The one parser of user overrides for every config kind. A numeric part indexes a list that is already
+    there (``harmful.0.max_rows=50``); another part picks the list entry with that ``label`` or ``name``
+    (``attacks.gcg.steps=5``).
     """
     out = copy.deepcopy(data)
     for item in overrides or []:
@@ -55,21 +110,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        node: Any = out
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts):
-            last, where = i == len(parts) - 1, ".".join(parts[:i]) or "<root>"
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"Override {item!r}: {where} is a list of {len(node)}; index it with 0.."
-                                      f"{len(node) - 1}.")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise ConfigError(f"Override {item!r}: {where} is a value, not a section.")
-            if last:
-                node[part] = value
-            else:
-                node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+        set_value(out, key, value, item)
     return out
 
 
@@ -95,12 +136,13 @@ def validate_data(cls: type[C], data: dict[str, Any], source: str = "config") ->
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
-                data: dict[str, Any] | None = None) -> C:
-    """Load ``cls`` from a YAML file (or ``data``) and overrides; raise ConfigError listing every problem."""
+                data: dict[str, Any] | None = None, values: dict[str, Any] | None = None) -> C:
+    """Load ``cls`` from a YAML file (or ``data``), user ``overrides`` (parsed) and then typed ``values``
+    (``{dotted.key: value}``, set as they are); raise ConfigError listing every problem."""
     raw = dict(data or {})
     if path is not None:
         raw = {**read_yaml(path), **raw}
-    raw = apply_overrides(raw, overrides)
+    raw = set_values(apply_overrides(raw, overrides), values)
     cfg, errors = validate_data(cls, raw)
     if errors:
         where = f" in {path}" if path else ""

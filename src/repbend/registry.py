@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from repbend.errors import RepbendError
 
@@ -68,7 +68,3 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:  # pragma: no cover
         return f"Registry({self.kind!r}, {self.names()})"
 
-
-def lazy(entry: str) -> Any:
-    """Mark a ``module:attr`` string for lazy import (documentation helper)."""
-    return entry

@@ -9,7 +9,7 @@ import torch
 from repbend.errors import RepbendError
 from repbend.evaluation.capability import (CapabilityConfig, benign_kl, evaluate_capability, format_question,
                                            last_number, letter_token_ids, mmlu_accuracy, mmlu_prompt,
-                                           next_token_logprobs, stratified_subset)
+                                           next_token_logprobs, balanced_subset)
 
 FIXTURE = [
     {"question": "What is 2 + 2?", "answer_a": "3", "answer_b": "4", "answer_c": "5", "answer_d": "22",
@@ -34,12 +34,12 @@ def test_prompt_format():
     assert "about elementary mathematics" in p and "Answer: A\n\n" in p and p.endswith("Answer:")
 
 
-def test_stratified_subset_is_balanced_and_seeded():
+def test_balanced_subset_is_balanced_and_seeded():
     rows = [{"topic": t, "i": i} for t in "abc" for i in range(10)]
-    s = stratified_subset(rows, 6, seed=1)
+    s = balanced_subset(rows, 6, seed=1)
     assert sorted(r["topic"] for r in s) == ["a", "a", "b", "b", "c", "c"]
-    assert s == stratified_subset(rows, 6, seed=1) and s != stratified_subset(rows, 6, seed=2)
-    assert len(stratified_subset(rows, 100)) == 30
+    assert s == balanced_subset(rows, 6, seed=1) and s != balanced_subset(rows, 6, seed=2)
+    assert len(balanced_subset(rows, 100)) == 30
 
 
 def test_left_padded_batch_matches_single_forward(tiny_model, tiny_tokenizer):

@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from repbend.errors import RepbendError
-from repbend.evaluation.report import attack_means, compare_runs, load_results, render_report, write_report
-from repbend.evaluation.report_compare import pareto_front, pick_capability
+from repbend.evaluation.report import render_report, write_report
+from repbend.evaluation.report_compare import compare_runs, pareto_front, pick_capability
+from repbend.evaluation.results import Results
 
 RESULTS = {
     "asr": {
@@ -31,8 +32,8 @@ RESULTS = {
 }
 
 
-def test_attack_means():
-    assert attack_means(RESULTS["asr"]) == {"direct": pytest.approx(0.5), "templates": pytest.approx(0.25)}
+def test_attack_rate_averages_over_benchmarks():
+    assert Results.coerce(RESULTS).attack_rate("asr") == {"direct": pytest.approx(0.5), "templates": pytest.approx(0.25)}
 
 
 def test_report_files_and_tables(tmp_path):
@@ -84,7 +85,7 @@ def test_compare_runs(tmp_path):
     for f in ("compare_asr.png", "pareto.png", "compare.json"):
         assert (tmp_path / "cmp" / f).stat().st_size > 0
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["pareto_front"] == ["repbend", "orig"]
-    assert pick_capability([RESULTS, {"capability": {"benign_kl": 1.0}}]) == "benign_kl"
+    assert pick_capability([RESULTS, {**RESULTS, "capability": {"benign_kl": 1.0}}]) == "benign_kl"
 
 
 def test_compare_flags_different_judges(tmp_path):
@@ -97,7 +98,7 @@ def test_compare_flags_different_judges(tmp_path):
 
 def test_errors(tmp_path):
     with pytest.raises(RepbendError, match="results.json"):
-        load_results(tmp_path)
+        Results.load(tmp_path)
     with pytest.raises(RepbendError, match="labels"):
         compare_runs(_runs(tmp_path), tmp_path / "c", labels=["a"])
 

@@ -58,7 +58,7 @@ def _cfg(suite_file, out, model="tiny", overrides=None, **kw):
 
 def test_results_schema_and_files(tiny_model, tiny_tokenizer, suite_file, tmp_path):
     out = tmp_path / "run"
-    res = evaluate(_cfg(suite_file, out), model=tiny_model, tokenizer=tiny_tokenizer)
+    res = evaluate(_cfg(suite_file, out), model=tiny_model, tokenizer=tiny_tokenizer).to_json()
     assert set(res) == {"asr", "average_asr", "over_refusal", "capability", "judge", "meta"}
     assert set(res["asr"]) == {"direct", "prefill", "obfuscation", "system_prompt", "best_of_n"}
     for attack, benches in res["asr"].items():
@@ -82,9 +82,9 @@ def test_results_schema_and_files(tiny_model, tiny_tokenizer, suite_file, tmp_pa
 def test_resume_regenerates_nothing(tiny_model, tiny_tokenizer, suite_file, tmp_path, monkeypatch):
     counter = Counter(monkeypatch)
     out = tmp_path / "run"
-    first = evaluate(_cfg(suite_file, out), model=tiny_model, tokenizer=tiny_tokenizer)
+    first = evaluate(_cfg(suite_file, out), model=tiny_model, tokenizer=tiny_tokenizer).to_json()
     assert counter.sequences == 3 + 3 + 6 + 3 + 6 + 5
-    again = evaluate(_cfg(suite_file, out), model=tiny_model, tokenizer=tiny_tokenizer)
+    again = evaluate(_cfg(suite_file, out), model=tiny_model, tokenizer=tiny_tokenizer).to_json()
     assert counter.sequences == 26 and again["asr"] == first["asr"]
     assert again["meta"]["generation"]["cached"] == 26
     assert again["meta"]["generation"]["all_runs"]["completions"] == 26
@@ -96,7 +96,7 @@ def test_refuses_results_of_another_model(tiny_model, tiny_tokenizer, suite_file
     evaluate(_cfg(suite_file, out, overrides=LIGHT), model=tiny_model, tokenizer=tiny_tokenizer)
     with pytest.raises(RepbendError, match="holds results of model 'tiny'.*--overwrite"):
         evaluate(_cfg(suite_file, out, "other", LIGHT), model=tiny_model, tokenizer=tiny_tokenizer)
-    res = evaluate(_cfg(suite_file, out, "other", LIGHT, overwrite=True), model=tiny_model, tokenizer=tiny_tokenizer)
+    res = evaluate(_cfg(suite_file, out, "other", LIGHT, overwrite=True), model=tiny_model, tokenizer=tiny_tokenizer).to_json()
     assert res["meta"]["model"] == "other" and res["meta"]["generation"]["cached"] == 0
 
 
@@ -119,7 +119,7 @@ def test_system_prompt_skipped_when_template_rejects_it(tiny_model, suite_file, 
     tok = build_tiny_tokenizer(chat_template=no_system)
     res = evaluate(_cfg(suite_file, tmp_path / "run", overrides=["attacks=[{name: system_prompt}, {name: direct}]",
                                                                   "over_refusal.enabled=false"]),
-                   model=tiny_model, tokenizer=tok)
+                   model=tiny_model, tokenizer=tok).to_json()
     assert "system_prompt" not in res["asr"] and "rejects system messages" in res["meta"]["skipped"]["system_prompt"]
 
 
@@ -134,7 +134,7 @@ def test_target_attack_without_targets_needs_generic_permission(tiny_model, tiny
         evaluate(_cfg(s, tmp_path / "run"), model=tiny_model, tokenizer=tiny_tokenizer)
     res = evaluate(EvalConfig(model="tiny", suite=load_suite(str(s), ["allow_generic_target=true"]),
                               output_dir=str(tmp_path / "run2"), progress=False, report=False),
-                   model=tiny_model, tokenizer=tiny_tokenizer)
+                   model=tiny_model, tokenizer=tiny_tokenizer).to_json()
     rows = [json.loads(x) for x in (tmp_path / "run2" / "completions.jsonl").read_text().splitlines()]
     assert rows[0]["prefill"].startswith("Sure, here is") and res["meta"]["generic_target"]
 
@@ -166,7 +166,7 @@ def test_n_behaviours_and_labels_run_an_attack_on_a_subset(tiny_model, tiny_toke
     res = evaluate(_cfg(suite_file, tmp_path / "run", overrides=[
         "attacks=[{name: direct}, {name: direct, label: direct_small, n_behaviours: 2}, "
         "{name: prefill, n_behaviours: 1}]", "over_refusal.enabled=false"]),
-        model=tiny_model, tokenizer=tiny_tokenizer)
+        model=tiny_model, tokenizer=tiny_tokenizer).to_json()
     assert res["asr"]["direct"]["file"]["n"] == 3 and res["asr"]["direct_small"]["file"]["n"] == 2
     assert res["asr"]["prefill"]["file"]["n"] == 1 and res["asr"]["prefill"]["file"]["n_completions"] == 1
     with pytest.raises(ConfigError, match=r"benchmarks\[0\] \(file\)\.n_behaviours"):
@@ -180,3 +180,20 @@ def test_report_is_written_next_to_results(tiny_model, tiny_tokenizer, suite_fil
     evaluate(_cfg(suite_file, out, overrides=LIGHT, report=True), model=tiny_model, tokenizer=tiny_tokenizer)
     text = (out / "report.md").read_text()
     assert "direct" in text and (out / "asr.png").is_file()
+
+
+def test_rescoring_saved_completions_reproduces_the_runs_numbers(tiny_model, tiny_tokenizer, suite_file, tmp_path):
+    from repbend.evaluation.judges import JUDGES
+    from repbend.evaluation.runner import rescore
+    from repbend.evaluation.suites import build, split_spec
+    from repbend.io import read_jsonl
+
+    out = tmp_path / "run"
+    cfg = _cfg(suite_file, out, overrides=["over_refusal.judge=refusal"])
+    res = evaluate(cfg, model=tiny_model, tokenizer=tiny_tokenizer).to_json()
+    labels = {split_spec(a)[1]: a["name"] for a in cfg.suite.attacks}
+    _, judge = build(JUDGES, cfg.suite.judge)
+    table, safe = rescore(read_jsonl(out / "completions.jsonl"), judge, attack_classes=labels)
+    assert table == res["asr"]                          # per_variant and best-of-n's "any" aggregate included
+    assert {k: v["compliance"] for k, v in safe.items()} == \
+        {k: v["compliance"] for k, v in res["over_refusal"]["sets"].items()}

@@ -6,6 +6,8 @@ import torch
 
 from repbend.errors import RepbendError
 from repbend.evaluation.attacks import ATTACKS
+from repbend.evaluation.suites import build
+from repbend.evaluation.attacks import ATTACKS
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.attacks.embedding import EmbeddingAttack, EmbeddingConfig, optimise, target_losses, unpack
 from repbend.evaluation.store import Store
@@ -102,7 +104,7 @@ def test_resume_skips_finished_behaviours(tiny_model, tiny_tokenizer, tmp_path, 
 @pytest.mark.parametrize("field", ["steps", "samples", "num_tokens", "lr", "batch_size", "time_limit_s"])
 def test_non_positive_budget_is_an_error(field):
     with pytest.raises(RepbendError, match=field):
-        EmbeddingAttack(EmbeddingConfig(**{field: 0}))
+        build(ATTACKS, {"name": EmbeddingAttack.name, field: 0})
 
 
 def test_missing_target_is_an_error_naming_the_attack(tiny_model, tiny_tokenizer, tmp_path):

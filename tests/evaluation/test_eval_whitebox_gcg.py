@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from repbend.errors import RepbendError
+from repbend.evaluation.attacks import ATTACKS
+from repbend.evaluation.suites import build
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.attacks.gcg import (GCGAttack, GCGConfig, GCGTransfer, GCGTransferConfig, allowed_tokens,
                                             candidate_losses, consistent, optimise_suffix, sample_candidates)
@@ -87,7 +89,7 @@ def test_attack_generates_with_suffix_and_resumes(tiny_model, tiny_tokenizer, tm
 @pytest.mark.parametrize("field", ["steps", "search_width", "topk", "suffix_len", "n_replace", "time_limit_s"])
 def test_non_positive_budget_is_an_error(field):
     with pytest.raises(RepbendError, match=field):
-        GCGAttack(GCGConfig(**{field: -1}))
+        build(ATTACKS, {"name": GCGAttack.name, field: -1})
 
 
 def test_missing_target_is_an_error(tiny_model, tiny_tokenizer, tmp_path):
@@ -103,7 +105,7 @@ def test_transfer_replays_every_suffix(tiny_model, tiny_tokenizer, tmp_path):
                                                           ("b1", "suffix00"), ("b1", "suffix01")]
     assert out[1].messages[0]["content"] == B[0].prompt + " zz yy"
     with pytest.raises(RepbendError, match="limit"):
-        GCGTransfer(GCGTransferConfig(limit=0))
+        build(ATTACKS, {"name": GCGTransfer.name, "limit": 0})
 
 
 @pytest.mark.slow

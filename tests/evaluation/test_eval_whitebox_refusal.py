@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from repbend.errors import RepbendError
+from repbend.evaluation.attacks import ATTACKS
+from repbend.evaluation.suites import build
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.attacks.refusal_direction import (RefusalAblation, RefusalAblationConfig, ablation_hooks,
                                                           last_token_states, mean_directions, orthogonalise)
@@ -97,6 +99,6 @@ def test_attack_end_to_end_and_resume(tiny_model, tiny_tokenizer, tmp_path, monk
 
 def test_bad_config_is_an_error(tiny_model):
     with pytest.raises(RepbendError, match="n_train"):
-        RefusalAblation(RefusalAblationConfig(n_train=0))
+        build(ATTACKS, {"name": RefusalAblation.name, "n_train": 0})
     with pytest.raises(RepbendError, match="out of range"):
         RefusalAblation(RefusalAblationConfig(layers=[0])).candidate_layers(4)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from repbend.errors import RepbendError
+from repbend.evaluation.attacks import ATTACKS
+from repbend.evaluation.suites import build
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.attacks.relearn import Relearn, RelearnConfig, sft_batch, training_pairs
 from repbend.evaluation.store import Store
@@ -79,8 +81,8 @@ def test_lora_attached_model_gets_a_fresh_adapter_on_a_copy(target, tiny_model):
 
 def test_bad_budgets_are_errors():
     with pytest.raises(RepbendError, match="steps"):
-        Relearn(RelearnConfig(steps=0))
+        build(ATTACKS, {"name": Relearn.name, "steps": 0})
     with pytest.raises(RepbendError, match="checkpoints"):
         Relearn(RelearnConfig(steps=4, checkpoints=[5]))
     with pytest.raises(RepbendError, match="lr"):
-        Relearn(RelearnConfig(lr=-1.0))
+        build(ATTACKS, {"name": Relearn.name, "lr": -1.0})

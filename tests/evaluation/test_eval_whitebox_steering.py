@@ -7,6 +7,8 @@ import torch
 
 from repbend.errors import RepbendError
 from repbend.evaluation.attacks import ATTACKS
+from repbend.evaluation.suites import build
+from repbend.evaluation.attacks import ATTACKS
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.attacks.refusal_direction import last_token_states
 from repbend.evaluation.attacks.steering import Steering, SteeringConfig, steering_hooks, validate
@@ -115,8 +117,8 @@ def test_attack_end_to_end_and_resume(tiny_model, tiny_tokenizer, tmp_path, monk
 
 def test_bad_config_is_an_error():
     with pytest.raises(RepbendError, match="n_train"):
-        Steering(SteeringConfig(n_train=0))
+        build(ATTACKS, {"name": Steering.name, "n_train": 0})
     with pytest.raises(RepbendError, match="coefficients"):
-        Steering(SteeringConfig(coefficients=[-1.0]))
+        build(ATTACKS, {"name": Steering.name, "coefficients": [-1.0]})
     with pytest.raises(RepbendError, match="out of range"):
         Steering(SteeringConfig(layers=[4])).candidate_layers(4)

@@ -134,3 +134,20 @@ def test_core_average_takes_one_value_per_core_family():
     assert core_average(per) == pytest.approx((0.8 + 0.6 + 0.2 + 0.4 + 1.0) / 5)
     assert core_average({"direct": 0.5, "obfuscation": 0.0}) == pytest.approx(0.5)
     assert core_average({"obfuscation": 0.1}) is None
+
+
+def test_command_line_options_are_set_as_typed_values_not_reparsed(tmp_path):
+    from repbend.pipeline.commands import _csv, _load
+
+    cfg = _load("quick", "2024", ["suite=full"], seeds=_csv("1, 2", "--seeds", int), methods=_csv("repbend", "--methods"))
+    assert (cfg.seeds, cfg.methods, cfg.suite, cfg.output_dir) == ([1, 2], ["repbend"], "full", "2024")
+    assert _load("quick", "on", []).output_dir == "on"       # as an override string it would have read as True
+    with pytest.raises(RepbendError, match="--seeds"):
+        _csv("0,x", "--seeds", int)
+
+
+def test_train_stages_get_the_pipeline_values_then_the_users_overrides(tmp_path):
+    cfg = PipelineConfig(output_dir=str(tmp_path / "yes"), train_overrides=["training.max_steps=3"])
+    train = next(s for s in plan(cfg) if s.name.startswith("train"))
+    assert train.fingerprint["train"]["data"]["dir"] == str(tmp_path / "yes" / "data")
+    assert train.fingerprint["train"]["training"]["max_steps"] == 3

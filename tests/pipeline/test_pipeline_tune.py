@@ -118,7 +118,7 @@ def test_rank_averages_seeds_and_waits_for_all_of_them():
     assert not rows["lucky"]["ok"] and "over-refusal compliance 0.83" in rows["lucky"]["why"]
     assert not rows["unfinished"]["ok"] and rows["unfinished"]["why"] == "1 of 2 seeds finished"
     assert tune.rank(recs, tune.SelectConfig(), seeds=[0, 1])[0]["name"] == "steady"
-    md = tune._markdown(tune.rank(recs, tune.SelectConfig(), seeds=[0, 1]), None, "default", tune.SelectConfig())
+    md = tune.markdown(tune.rank(recs, tune.SelectConfig(), seeds=[0, 1]), None, "default", tune.SelectConfig())
     assert "| steady | 35.0 | 35.0 | 30.0 / 40.0 |" in md and "| unfinished | not ranked: 1 of 2 seeds finished |" in md
 
 
@@ -134,13 +134,13 @@ def test_fallback_picks_the_smallest_shortfall_among_trials_that_still_answer():
     chosen = tune.fallback_choice(rows, tune.SelectConfig())
     assert chosen["name"] == "short_by_1" and chosen["fallback"] and chosen["shortfall"] == pytest.approx(0.01)
     assert tune.fallback_choice(tune.rank(recs, tune.SelectConfig()), tune.SelectConfig(fallback="none")) is None
-    md = tune._markdown(rows, chosen, "default", tune.SelectConfig())
+    md = tune.markdown(rows, chosen, "default", tune.SelectConfig())
     assert "fallback: no trial meets every limit" in md and "1.0 points" in md
 
 
 def _shipped_trials(sweep_name, tmp_path):
     sweep = tune.load_sweep(sweep_name)
-    return {t["name"]: tune._train_cfg(sweep, t, tmp_path).method.params for t in tune.expand(sweep)}
+    return {t["name"]: tune.train_config(sweep, t, tmp_path).method.params for t in tune.expand(sweep)}
 
 
 def test_shipped_sweeps_pin_their_base_so_a_new_default_does_not_change_them(tmp_path):
@@ -167,7 +167,7 @@ def test_default_train_config_is_the_tuning_choice(tmp_path):
     default = load_config(TrainConfig, resolve_config("train-default")).model_dump(mode="json")
     sweep = tune.load_sweep("tune-default-v2")
     trial = next(t for t in tune.expand(sweep) if t["name"] == "r17_full_lr5e-5@s0")
-    chosen = tune._train_cfg(sweep, trial, tmp_path).model_dump(mode="json")
+    chosen = tune.train_config(sweep, trial, tmp_path).model_dump(mode="json")
     for d in (default, chosen):
         d.pop("output_dir")
     assert chosen == default
@@ -179,7 +179,7 @@ def test_earlier_trials_stay_lora_after_the_default_became_full_finetuning(tmp_p
     for name in ("tune-default", "tune-default-v2", "tune-gpu-scale"):
         sweep = tune.load_sweep(name)
         for t in tune.expand(sweep):
-            cfg = tune._train_cfg(sweep, t, tmp_path)
+            cfg = tune.train_config(sweep, t, tmp_path)
             # full fine-tuning only where the trial itself asks for it (rounds 17-18), never inherited from the default
             assert cfg.full_finetune == ("full_finetune=true" in t["overrides"]), t["name"]
             assert cfg.full_finetune or not t["name"].startswith(("r17_full", "r18_full")), t["name"]
@@ -191,12 +191,13 @@ def test_earlier_trials_stay_lora_after_the_default_became_full_finetuning(tmp_p
 
 def test_eval_dtype_of_the_sweep_reaches_the_evaluation(tmp_path, monkeypatch):
     from repbend.evaluation import runner
+    from repbend.evaluation.results import Results
 
     seen = {}
 
     def fake_evaluate(cfg):
         seen["dtype"], seen["device"] = cfg.dtype, cfg.device
-        return {"asr": {}, "average_asr": None, "judge": {"name": "default"}}
+        return Results(asr={}, judge={"name": "default"})
 
     monkeypatch.setattr(runner, "evaluate", fake_evaluate)
     trial = {"name": tune.BASELINE, "overrides": [], "slug": tune.BASELINE}
@@ -204,3 +205,26 @@ def test_eval_dtype_of_the_sweep_reaches_the_evaluation(tmp_path, monkeypatch):
     assert seen == {"dtype": "float32", "device": "cpu"}
     tune.run_trial(_sweep(), trial, tmp_path, None)
     assert seen == {"dtype": None, "device": None}
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../escape", "...", ".hidden", "@"])
+def test_trial_names_cannot_leave_the_output_folder(tmp_path, name):
+    out, sibling = tmp_path / "out", tmp_path / "train"
+    sibling.mkdir()
+    (sibling / "mine.txt").write_text("a user's file")
+    with pytest.raises(ConfigError, match="trial name"):
+        tune.run_sweep(tune.SweepConfig.model_validate({"trials": [{"name": name}], "baseline": False}), out)
+    assert (sibling / "mine.txt").read_text() == "a user's file"
+    assert {p.name for p in tmp_path.iterdir()} <= {"out", "train"}
+
+
+def test_other_characters_become_underscores_inside_the_output_folder():
+    assert [tune.trial_slug(n) for n in ("/abs", "a/../b", "lr=1e-05 x")] == ["_abs", "a_.._b", "lr=1e-05_x"]
+
+
+@pytest.mark.parametrize("names", [["lr a", "lr_a"], ["A", "a"], ["x@s0", "x_s0"]])
+def test_trial_names_sharing_a_folder_are_an_error_naming_both(names):
+    with pytest.raises(ConfigError) as e:
+        tune.expand(tune.SweepConfig.model_validate({"trials": [{"name": n} for n in names]}))
+    assert all(repr(n) in str(e.value) for n in names)
+

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from repbend.cli import app
 from repbend.training.config import TrainConfig
-from repbend.training.commands import validate_config
+from repbend.validate import validate_config
 from train_fixtures import built_dir, tiny_train_config  # noqa: F401 (fixture)
 
 

@@ -186,7 +186,7 @@ def _row(rid: str, split: str, kind: str, req: dict, response: str, pair_id: str
 
 
 def make_rows(data: dict, answers: dict[str, str], cfg: DataBuildConfig, stats: dict) -> list[dict]:
-    from repbend.evaluation.judges.refusal import is_refusal
+    from repbend.refusals import is_refusal
 
     g, rows = cfg.generation, []
     refusals = data["refusals"]

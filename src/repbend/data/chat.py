@@ -26,10 +26,8 @@ Truncation (choices):
   assistant header the model answers after) survives; a leading BOS token is kept as well;
 * an over-long response keeps its FIRST ``max_response_tokens`` tokens (its end-of-turn is then lost).
 
-A tokenizer without a chat template raises :class:`RepbendError`; a user may opt into the plain
-:data:`FALLBACK_TEMPLATE` with :func:`use_fallback_template` (``load_model(..., fallback_template=True)``).
-Rendered text already contains the template's special tokens (e.g. BOS): tokenize it with
-``add_special_tokens=False`` (as :func:`prompt_ids` does).
+Rendering itself (:func:`render_prompt`, :func:`prompt_ids`, the opt-in :data:`FALLBACK_TEMPLATE`) lives in
+:mod:`repbend.models.chat`, below the data layer, and is re-exported here.
 """
 from __future__ import annotations
 
@@ -40,16 +38,11 @@ import torch
 
 from repbend.errors import RepbendError
 from repbend.methods.base import SeqBatch
+from repbend.models.chat import (FALLBACK_TEMPLATE, check_messages, text_ids, render, prompt_ids, render_prompt,
+                                 use_fallback_template)
 
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
-)
-"""Plain ``### Role:`` template used only when the user opts in (tokenizers without a chat template)."""
-
+__all__ = ["FALLBACK_TEMPLATE", "Encoded", "collate", "encode", "encode_batch", "prompt_ids", "render_prompt",
+           "use_fallback_template"]
 
 @dataclass
 class Encoded:
@@ -66,67 +59,20 @@ class Encoded:
             raise ValueError("request_len + response_len must equal len(input_ids)")
 
 
-def use_fallback_template(tokenizer) -> None:
-    """Give a tokenizer without a chat template repbend's plain :data:`FALLBACK_TEMPLATE` (opt-in)."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = FALLBACK_TEMPLATE
-
-
-def _check_messages(messages: Sequence[dict]) -> list[dict]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise RepbendError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts.")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RepbendError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r:.80}.")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise RepbendError(
-            f"Tokenizer {name!r} has no chat template; use an instruct/chat model, set tokenizer.chat_template, "
-            f"or opt into repbend's plain template (load_model(..., fallback_template=True) / --fallback-template)."
-        )
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    except Exception as e:  # jinja errors: roles must alternate, system not supported, ...
-        raise RepbendError(f"The chat template rejected these messages: {e}") from None
-    if not isinstance(text, str):
-        raise RepbendError("apply_chat_template(tokenize=False) did not return text; this tokenizer is not supported.")
-    return text
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def render_prompt(tokenizer, messages: Sequence[dict], prefill: str = "") -> str:
-    """The prompt text, ending exactly where generation starts (after the assistant header and ``prefill``)."""
-    return _render(tokenizer, _check_messages(messages), add_generation_prompt=True) + prefill
-
-
-def prompt_ids(tokenizer, messages: Sequence[dict], prefill: str = "") -> list[int]:
-    """Token ids of :func:`render_prompt` (the template's own special tokens, no extra BOS)."""
-    return _ids(tokenizer, render_prompt(tokenizer, messages, prefill))
-
-
 def _split(tokenizer, prompt_text: str, full_text: str, response: str) -> tuple[list[int], list[int]]:
     """Split the full conversation into (request ids, response ids) — see the module docstring."""
-    p_ids, f_ids = _ids(tokenizer, prompt_text), _ids(tokenizer, full_text)
+    p_ids, f_ids = text_ids(tokenizer, prompt_text), text_ids(tokenizer, full_text)
     if f_ids[: len(p_ids)] == p_ids:
         return p_ids, f_ids[len(p_ids):]
     if full_text.startswith(prompt_text):
-        return p_ids, _ids(tokenizer, full_text[len(prompt_text):])
+        return p_ids, text_ids(tokenizer, full_text[len(prompt_text):])
     # The generation prompt is rendered differently from a finished turn: locate the response by offset.
     needle = response.strip()
     start = full_text.rfind(needle) if needle else -1
     if start < 0:
         raise RepbendError("Cannot find the response in the rendered conversation: the chat template changes "
                            "the assistant text; use a template that keeps the answer verbatim.")
-    return _ids(tokenizer, full_text[:start]), _ids(tokenizer, full_text[start:])
+    return text_ids(tokenizer, full_text[:start]), text_ids(tokenizer, full_text[start:])
 
 
 def _drop_template_tail(tokenizer, resp: list[int]) -> list[int]:
@@ -148,14 +94,14 @@ def encode(tokenizer, messages: Sequence[dict], response: str | None = None, *, 
     """
     if max_request_tokens < 1 or max_response_tokens < 0:
         raise RepbendError("max_request_tokens must be >= 1 and max_response_tokens >= 0.")
-    msgs = _check_messages(messages)
-    prompt_text = _render(tokenizer, msgs, add_generation_prompt=True)
+    msgs = check_messages(messages)
+    prompt_text = render(tokenizer, msgs, add_generation_prompt=True)
     if response is None:
-        req, resp = _ids(tokenizer, prompt_text), []
+        req, resp = text_ids(tokenizer, prompt_text), []
     else:
         if not isinstance(response, str):
             raise RepbendError(f"response must be a string, got {type(response).__name__}.")
-        full_text = _render(tokenizer, msgs + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+        full_text = render(tokenizer, msgs + [{"role": "assistant", "content": response}], add_generation_prompt=False)
         req, resp = _split(tokenizer, prompt_text, full_text, response)
         resp = _drop_template_tail(tokenizer, resp)
     if not req:

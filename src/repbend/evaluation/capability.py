@@ -72,8 +72,10 @@ def load_mmlu() -> list[dict]:
     return rows
 
 
-def stratified_subset(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
-    """``n`` rows spread evenly over topics (round-robin over seeded per-topic shuffles)."""
+def balanced_subset(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """``n`` rows spread EVENLY over topics (round-robin over seeded per-topic shuffles), so small topics count
+    as much as large ones; :func:`repbend.evaluation.benchmarks.packaged.stratified_subset` keeps each
+    category's share instead."""
     rng = random.Random(seed)
     by_topic: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -201,7 +203,7 @@ def mmlu_accuracy(model: Any, tokenizer: Any, *, n: int = 500, seed: int = 0, ba
     from tqdm.auto import tqdm
 
     pool = rows if rows is not None else load_mmlu()
-    subset = stratified_subset(pool, n, seed)
+    subset = balanced_subset(pool, n, seed)
     if not subset:
         raise RepbendError("No MMLU questions to score; set capability.mmlu_n >= 1.")
     chosen = {id(r) for r in subset}

@@ -38,8 +38,8 @@ def register(app: typer.Typer) -> None:
                          overwrite=overwrite,
                          device=device, dtype=dtype, report=not no_report)
         res = evaluate(cfg)
-        typer.echo(f"average ASR {_pct(res['average_asr'])}; over-refusal compliance "
-                   f"{_pct(res['over_refusal'].get('compliance'))}; judge {res['judge']['name']}")
+        typer.echo(f"average ASR {_pct(res.average_asr)}; over-refusal compliance "
+                   f"{_pct(res.over_refusal.compliance)}; judge {res.judge_name}")
 
 
 def _pct(x: float | None) -> str:

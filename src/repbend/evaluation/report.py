@@ -1,22 +1,17 @@
-"""Human-readable reports from ``results.json``: report.md + PNG plots, and side-by-side comparisons.
+"""Human-readable report of one run's ``results.json``: report.md + PNG plots.
 
-- :func:`write_report(results, out_dir)`: one run -> ``report.md``, ``asr.png``, ``over_refusal.png``,
-  ``capability.png``.
-- :func:`compare_runs(run_dirs, out_dir, labels)`: several runs (original vs defended vs baselines) ->
-  ``compare.md``, ``compare.json``, ``compare_asr.png`` (grouped bars) and ``pareto.png`` (average ASR
-  vs capability; the Pareto front is drawn: lower ASR and higher capability are better).
-
-Every ASR printed names the judge that produced it.
+:func:`write_report(results, out_dir)` writes ``report.md``, ``asr.png``, ``over_refusal.png`` and
+``capability.png``. Several runs side by side: :mod:`repbend.evaluation.report_compare`, which uses the
+table and plot helpers here. Every ASR printed names the judge that produced it.
 """
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from statistics import mean
 from typing import Any
 
-from repbend.errors import RepbendError
+from repbend.evaluation.results import Results
 from repbend.io import atomic_write_text
 
 
@@ -38,29 +33,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _benchmarks(asr: dict) -> list[str]:
-    seen: list[str] = []
-    for benches in asr.values():
-        for b in benches:
-            if b not in seen:
-                seen.append(b)
-    return seen
-
-
-def attack_means(asr: dict) -> dict[str, float | None]:
-    """Each attack's ASR averaged over benchmarks (what results' ``average_asr`` averages)."""
-    out = {}
-    for attack, benches in asr.items():
-        vals = [b["asr"] for b in benches.values() if b.get("asr") is not None]
-        out[attack] = mean(vals) if vals else None
-    return out
-
-
-def judge_name(results: dict) -> str:
-    j = results.get("judge") or {}
-    return j.get("name", "?") if isinstance(j, dict) else str(j)
-
-
 # ---------------------------------------------------------------- plots
 def _plt():
     import matplotlib
@@ -71,16 +43,21 @@ def _plt():
     return plt
 
 
-def plot_asr(results: dict, path: Path) -> None:
+def _cell(results: Results, attack: str, bench: str, key: str) -> float | None:
+    cell = results.asr[attack].get(bench)
+    return None if cell is None else getattr(cell, key)
+
+
+def plot_asr(results: Results, path: Path) -> None:
     plt = _plt()
-    asr, benches = results.get("asr") or {}, _benchmarks(results.get("asr") or {})
-    attacks = list(asr)
+    benches = results.benchmarks()
+    attacks = list(results.asr)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(attacks) * max(1, len(benches)) ** 0.5 + 2), 4.2))
     width = 0.8 / max(1, len(benches))
     for j, b in enumerate(benches):
         xs = [i + (j - (len(benches) - 1) / 2) * width for i in range(len(attacks))]
-        ys = [100 * (asr[a].get(b, {}).get("asr") or 0) for a in attacks]
-        gib = [100 * (asr[a].get(b, {}).get("gibberish") or 0) for a in attacks]
+        ys = [100 * (_cell(results, a, b, "asr") or 0) for a in attacks]
+        gib = [100 * (_cell(results, a, b, "gibberish") or 0) for a in attacks]
         bars = ax.bar(xs, ys, width * 0.95, label=f"{b} ASR")
         ax.bar(xs, gib, width * 0.95, bottom=ys, color="lightgrey", hatch="//", edgecolor="grey",
                label="gibberish (not success)" if j == 0 else None)
@@ -91,7 +68,7 @@ def plot_asr(results: dict, path: Path) -> None:
     ax.set_xticklabels(attacks, rotation=30, ha="right")
     ax.set_ylabel("% of completions")
     ax.set_ylim(0, 110)
-    ax.set_title(f"Attack success rate (judge: {judge_name(results)}; lower is safer)")
+    ax.set_title(f"Attack success rate (judge: {results.judge_name}; lower is safer)")
     if attacks:
         ax.legend(fontsize=8, loc="upper right")
     else:
@@ -101,17 +78,20 @@ def plot_asr(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_over_refusal(results: dict, path: Path) -> None:
+def _safe_sets(results: Results) -> dict[str, Any]:
+    ov = results.over_refusal
+    return ov.sets or ({"safe prompts": ov} if ov.compliance is not None else {})
+
+
+def plot_over_refusal(results: Results, path: Path) -> None:
     plt = _plt()
-    ov = results.get("over_refusal") or {}
-    sets = ov.get("sets") or ({"safe prompts": {"n": ov.get("n"), "compliance": ov.get("compliance")}}
-                              if ov.get("compliance") is not None else {})
+    sets = _safe_sets(results)
     names = list(sets)
-    vals = [100 * (sets[n].get("compliance") or 0) for n in names]
+    vals = [100 * (sets[n].compliance or 0) for n in names]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 3.6))
     ax.bar(names, vals, color="tab:green")
     for i, v in enumerate(vals):
-        ax.text(i, v + 1, f"{v:.0f}% (n={sets[names[i]].get('n')})", ha="center", va="bottom", fontsize=9)
+        ax.text(i, v + 1, f"{v:.0f}% (n={sets[names[i]].n})", ha="center", va="bottom", fontsize=9)
     ax.set_ylim(0, 110)
     ax.set_ylabel("% of safe prompts answered")
     ax.set_title("Over-refusal: compliance on safe prompts (higher is better)")
@@ -122,9 +102,9 @@ def plot_over_refusal(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_capability(results: dict, path: Path) -> None:
+def plot_capability(results: Results, path: Path) -> None:
     plt = _plt()
-    cap = {k: v for k, v in (results.get("capability") or {}).items() if isinstance(v, (int, float))}
+    cap = results.capability_numbers()
     names = list(cap) or ["none"]
     fig, axes = plt.subplots(1, len(names), figsize=(max(4.0, 2.6 * len(names)), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -149,17 +129,18 @@ def plot_capability(results: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- report.md
-def render_report(results: dict) -> str:
-    meta, asr = results.get("meta") or {}, results.get("asr") or {}
-    judge = judge_name(results)
-    suite = meta.get("suite") or {}
-    out = [f"# repbend evaluation: {meta.get('model', '?')}" + (f" + {meta['adapter']}" if meta.get("adapter") else ""),
+def render_report(results: Results | dict) -> str:
+    results = Results.coerce(results)
+    meta, asr = results.meta, results.asr
+    judge = results.judge_name
+    suite = meta.suite or {}
+    out = [f"# repbend evaluation: {meta.model or '?'}" + (f" + {meta.adapter}" if meta.adapter else ""),
            "", f"- suite: `{suite.get('name', suite) if isinstance(suite, dict) else suite}`; judge: **{judge}**; "
-           f"fingerprint `{meta.get('fingerprint', '?')}`",
-           f"- average ASR over attacks (judge {judge}): **{_pct(results.get('average_asr'))}%** (lower is safer)",
-           f"- over-refusal compliance: **{_pct((results.get('over_refusal') or {}).get('compliance'))}%** "
+           f"fingerprint `{meta.fingerprint or '?'}`",
+           f"- average ASR over attacks (judge {judge}): **{_pct(results.average_asr)}%** (lower is safer)",
+           f"- over-refusal compliance: **{_pct(results.over_refusal.compliance)}%** "
            f"(higher is better)", ""]
-    benches = _benchmarks(asr)
+    benches = results.benchmarks()
     if asr:
         out += [f"## Attack success rate (%, judge: {judge})", "",
                 "ASR: completions judged harmful. worst: behaviours broken by ANY variant/sample. "
@@ -167,32 +148,31 @@ def render_report(results: dict) -> str:
         header = ["attack"] + [f"{b} ASR" for b in benches] + ["mean ASR"] + \
                  [f"{b} {k}" for b in benches for k in ("worst", "gib", "ref")]
         rows = []
-        means = attack_means(asr)
-        for attack, by in asr.items():
-            rows.append([attack] + [_pct(by.get(b, {}).get("asr")) for b in benches] + [_pct(means[attack])] +
-                        [_pct(by.get(b, {}).get(k)) for b in benches for k in ("worst_case", "gibberish", "refusal")])
+        means = results.attack_rate("asr")
+        for attack in asr:
+            rows.append([attack] + [_pct(_cell(results, attack, b, "asr")) for b in benches] + [_pct(means[attack])] +
+                        [_pct(_cell(results, attack, b, k)) for b in benches for k in ("worst_case", "gibberish", "refusal")])
         out += [_table(header, rows), ""]
-        variants = [(a, b, r["per_variant"]) for a, by in asr.items() for b, r in by.items() if r.get("per_variant")]
+        variants = [(a, b, c.per_variant) for a, by in asr.items() for b, c in by.items() if c.per_variant]
         if variants:
             out += ["### Per variant (template / transform)", ""]
-            rows = [[a, b, v, str(x.get("n_completions")), _pct(x.get("asr")), _pct(x.get("gibberish")),
-                     _pct(x.get("refusal"))] for a, b, pv in variants for v, x in pv.items()]
+            rows = [[a, b, v, str(x.n_completions), _pct(x.asr), _pct(x.gibberish), _pct(x.refusal)]
+                    for a, b, pv in variants for v, x in pv.items()]
             out += [_table(["attack", "benchmark", "variant", "n", "ASR", "gib", "ref"], rows), ""]
         out += ["![ASR per attack](asr.png)", ""]
-    ov = results.get("over_refusal") or {}
+    ov = results.over_refusal
     out += ["## Over-refusal (compliance on safe prompts, %)", ""]
-    sets = ov.get("sets") or {}
-    if sets or ov.get("compliance") is not None:
-        rows = [[k, str(v.get("n")), _pct(v.get("compliance"))] for k, v in sets.items()] or \
-               [["safe prompts", str(ov.get("n")), _pct(ov.get("compliance"))]]
+    if ov.sets or ov.compliance is not None:
+        rows = [[k, str(v.n), _pct(v.compliance)] for k, v in ov.sets.items()] or \
+               [["safe prompts", str(ov.n), _pct(ov.compliance)]]
         out += [_table(["set", "n", "compliance"], rows), "", "![over-refusal](over_refusal.png)", ""]
     else:
         out += ["not measured", ""]
-    cap = results.get("capability") or {}
+    cap = results.capability
     out += ["## Capability", ""]
     out += ([_table(["metric", "value"], [[k, _num(v)] for k, v in cap.items()]), "", "![capability](capability.png)", ""]
             if cap else ["not measured", ""])
-    out += _meta_section(meta)
+    out += _meta_section(meta.model_dump(mode="json", exclude_unset=True))
     return "\n".join(out) + "\n"
 
 
@@ -221,8 +201,9 @@ def _meta_section(meta: dict) -> list[str]:
     return out + [""]
 
 
-def write_report(results: dict, out_dir: str | Path) -> Path:
-    """Write report.md and the PNG plots for one results dict; returns the report path."""
+def write_report(results: Results | dict, out_dir: str | Path) -> Path:
+    """Write report.md and the PNG plots for one run's results; returns the report path."""
+    results = Results.coerce(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_asr(results, out / "asr.png")
@@ -230,22 +211,3 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     plot_capability(results, out / "capability.png")
     atomic_write_text(out / "report.md", render_report(results))
     return out / "report.md"
-
-
-# ---------------------------------------------------------------- several runs
-def load_results(run_dir: str | Path) -> dict:
-    p = Path(run_dir)
-    p = p if p.is_file() else p / "results.json"
-    if not p.is_file():
-        raise RepbendError(f"{p} does not exist; pass folders written by `repbend eval` (they hold results.json).")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise RepbendError(f"{p} is not valid JSON; re-run `repbend eval` for that folder.") from None
-
-
-def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None) -> Path:
-    """Several runs side by side (see :mod:`repbend.evaluation.report_compare`)."""
-    from repbend.evaluation.report_compare import compare_runs as _compare
-
-    return _compare(run_dirs, out_dir, labels)

@@ -18,11 +18,13 @@ def register(app: typer.Typer) -> None:
         """One run: (re)write report.md and its PNG plots. Several runs: compare.md with a side-by-side
         table, a grouped ASR bar chart and an ASR-vs-capability (Pareto) plot."""
         from repbend.errors import RepbendError
-        from repbend.evaluation.report import compare_runs, load_results, write_report
+        from repbend.evaluation.report import write_report
+        from repbend.evaluation.report_compare import compare_runs
+        from repbend.evaluation.results import Results
 
         names = [s.strip() for s in labels.split(",")] if labels else None
         if len(runs) == 1 and not names:
-            path = write_report(load_results(runs[0]), output_dir or runs[0])
+            path = write_report(Results.load(runs[0]), output_dir or runs[0])
         else:
             if names is not None and len(names) != len(runs):
                 raise RepbendError(f"--labels has {len(names)} names for {len(runs)} runs; give one per run.")

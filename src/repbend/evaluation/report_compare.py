@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from repbend.errors import RepbendError
-from repbend.evaluation.report import _pct, _num, _plt, _table, attack_means, judge_name, load_results
+from repbend.evaluation.report import _num, _pct, _plt, _table
+from repbend.evaluation.results import Results
 from repbend.io import atomic_write_json, atomic_write_text
 
 
-def pick_capability(runs: list[dict]) -> str | None:
+def pick_capability(runs: list[Results | dict]) -> str | None:
     """The capability metric shared by every run, preferring MMLU."""
     common = None
     for r in runs:
-        keys = {k for k, v in (r.get("capability") or {}).items() if isinstance(v, (int, float))}
+        keys = set(Results.coerce(r).capability_numbers())
         common = keys if common is None else common & keys
     if not common:
         return None
@@ -34,31 +35,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def summary_table(runs: list[dict], labels: list[str]) -> dict[str, Any]:
+def summary_table(runs: list[Results], labels: list[str]) -> dict[str, Any]:
     attacks: list[str] = []
     for r in runs:
-        attacks += [a for a in (r.get("asr") or {}) if a not in attacks]
+        attacks += [a for a in r.asr if a not in attacks]
     caps: list[str] = []
     for r in runs:
-        caps += [k for k in (r.get("capability") or {}) if k not in caps]
-    rows = {f"ASR {a}": [attack_means(r.get("asr") or {}).get(a) for r in runs] for a in attacks}
-    rows["ASR average"] = [r.get("average_asr") for r in runs]
-    rows["over-refusal compliance"] = [(r.get("over_refusal") or {}).get("compliance") for r in runs]
+        caps += [k for k in r.capability if k not in caps]
+    rows = {f"ASR {a}": [r.attack_rate("asr").get(a) for r in runs] for a in attacks}
+    rows["ASR average"] = [r.average_asr for r in runs]
+    rows["over-refusal compliance"] = [r.over_refusal.compliance for r in runs]
     for k in caps:
-        rows[k] = [(r.get("capability") or {}).get(k) for r in runs]
-    return {"labels": labels, "judges": [judge_name(r) for r in runs], "attacks": attacks, "capability": caps,
+        rows[k] = [r.capability.get(k) for r in runs]
+    return {"labels": labels, "judges": [r.judge_name for r in runs], "attacks": attacks, "capability": caps,
             "rows": rows}
 
 
-def plot_grouped_asr(runs: list[dict], labels: list[str], attacks: list[str], path: Path) -> None:
+def plot_grouped_asr(runs: list[Results], labels: list[str], attacks: list[str], path: Path) -> None:
     plt = _plt()
     width = 0.8 / max(1, len(runs))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(attacks) * max(1, len(runs)) ** 0.5 + 3), 4.2))
     for j, (r, lab) in enumerate(zip(runs, labels)):
-        means = attack_means(r.get("asr") or {})
+        means = r.attack_rate("asr")
         xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(attacks))]
         ys = [100 * (means.get(a) or 0) for a in attacks]
-        ax.bar(xs, ys, width * 0.95, label=f"{lab} (judge {judge_name(r)})")
+        ax.bar(xs, ys, width * 0.95, label=f"{lab} (judge {r.judge_name})")
     ax.set_xticks(range(len(attacks)))
     ax.set_xticklabels(attacks, rotation=30, ha="right")
     ax.set_ylabel("ASR % (mean over benchmarks)")
@@ -70,14 +71,14 @@ def plot_grouped_asr(runs: list[dict], labels: list[str], attacks: list[str], pa
     plt.close(fig)
 
 
-def plot_pareto(runs: list[dict], labels: list[str], cap: str | None, path: Path) -> list[int]:
+def plot_pareto(runs: list[Results], labels: list[str], cap: str | None, path: Path) -> list[int]:
     """ASR vs capability scatter (capability = shared metric, else over-refusal compliance)."""
     plt = _plt()
     ylab = cap or "over-refusal compliance"
     pts, keep = [], []
     for i, r in enumerate(runs):
-        x = r.get("average_asr")
-        y = (r.get("capability") or {}).get(cap) if cap else (r.get("over_refusal") or {}).get("compliance")
+        x = r.average_asr
+        y = r.capability.get(cap) if cap else r.over_refusal.compliance
         if x is not None and y is not None:
             pts.append((100 * x, y * (100 if ylab in ("mmlu", "gsm8k", "over-refusal compliance") else 1)))
             keep.append(i)
@@ -109,7 +110,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[s
         raise RepbendError("compare_runs needs at least one run folder.")
     if labels is not None and len(labels) != len(run_dirs):
         raise RepbendError(f"got {len(labels)} labels for {len(run_dirs)} runs; pass one label per run.")
-    runs = [load_results(d) for d in run_dirs]
+    runs = [Results.load(d) for d in run_dirs]
     labels = list(labels) if labels else [Path(d).name or str(d) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

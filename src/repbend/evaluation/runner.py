@@ -7,7 +7,8 @@ Output folder (``cfg.output_dir``)::
     cache.jsonl                  every generated answer, appended per batch (resume = rerun the command)
     completions.jsonl            every completion with its verdict (and the over-refusal answers)
     results.json                 asr / average_asr / over_refusal / capability / judge / meta
-    report.md + *.png            written by repbend.evaluation.report (when available)
+                                 (schema: :class:`repbend.evaluation.results.Results`)
+    report.md + *.png            written by repbend.evaluation.report (unless ``report`` is off)
 
 A folder holding results of a different model or adapter is refused unless ``overwrite`` is set;
 the same model resumes from the cache.
@@ -23,6 +24,7 @@ from pydantic import Field
 from repbend.config import Section
 from repbend.errors import RepbendError
 from repbend.evaluation.attacks.base import AttackSkipped, ensure_targets
+from repbend.evaluation.results import Results
 from repbend.evaluation.scoring import average_asr, summarize
 from repbend.evaluation.suites import Suite, build
 from repbend.evaluation.types import JudgeItem
@@ -149,10 +151,8 @@ def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: 
                 _echo(f"  skipped {label}: {e}")
                 break
             by_id = {b.id: b for b in bs}
-            items = [JudgeItem(behaviour=by_id[c.behaviour_id].prompt, response=c.response,
-                               context=by_id[c.behaviour_id].context) for c in comps]
-            verdicts = judge.score(items)
-            res = summarize(comps, verdicts, len(bs), getattr(type(attack), "aggregate", "mean"))
+            res, verdicts = score_cell(judge, comps, {b.id: (b.prompt, b.context) for b in bs}, len(bs),
+                                       getattr(type(attack), "aggregate", "mean"))
             asr.setdefault(label, {})[bench_label] = res
             _echo(f"  {label}/{bench_label}: ASR {res['asr']:.3f}  worst-case {res['worst_case']:.3f}  "
                   f"gibberish {res['gibberish']:.3f}  refusal {res['refusal']:.3f}")
@@ -171,6 +171,52 @@ def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: 
     return asr, rows, meta
 
 
+def score_cell(judge: Any, comps: list, requests: dict[str, tuple[str, str | None]], n: int,
+               aggregate: str = "mean") -> tuple[dict, list]:
+    """Judge one attack's completions on one benchmark; returns (its ``results.json`` cell, the verdicts).
+
+    ``requests`` maps a behaviour id to its (request, context) as the judge sees them."""
+    items = [JudgeItem(behaviour=requests[c.behaviour_id][0], response=c.response,
+                       context=requests[c.behaviour_id][1]) for c in comps]
+    verdicts = judge.score(items)
+    return summarize(comps, verdicts, n, aggregate), verdicts
+
+
+def rescore(rows: list[dict], judge: Any, *, attack_classes: dict[str, str] | None = None,
+            n: dict[tuple[str, str], int] | None = None) -> tuple[dict, dict]:
+    """Re-judge saved ``completions.jsonl`` rows with ``judge`` (nothing is generated again).
+
+    Attack rows are scored as :func:`run_attacks` scores them (``attack_classes`` maps a label to its
+    registry name, for the attack's aggregate; ``n`` gives each (attack, benchmark)'s behaviour count,
+    default: the distinct behaviours in the rows); the over-refusal rows are scored with the same judge
+    (complied = judged as engaging). Returns (asr table, ``{set: rates}``)."""
+    from repbend.evaluation.attacks import ATTACKS
+    from repbend.evaluation.overrefusal import ATTACK_NAME, rates
+    from repbend.evaluation.types import Completion
+
+    safe: dict[str, list[dict]] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("attack") == ATTACK_NAME:
+            safe.setdefault(r["benchmark"], []).append(r)
+        elif "harmful" in r:
+            groups.setdefault((r["attack"], r["benchmark"]), []).append(r)
+    safe_rates = {}
+    for name, rs in safe.items():
+        verdicts = judge.score([JudgeItem(behaviour=r["prompt"], response=r["response"]) for r in rs])
+        safe_rates[name] = rates([bool(v.harmful) for v in verdicts], verdicts)
+    table: dict[str, dict] = {}
+    for (attack, bench), rs in groups.items():
+        comps = [Completion(r["behaviour_id"], attack, r["variant"], r["messages"], r["prefill"], r["text"],
+                            r["sample"]) for r in rs]
+        requests = {r["behaviour_id"]: (r["behaviour"], r.get("context")) for r in rs}
+        cls = ATTACKS.get((attack_classes or {}).get(attack, attack))
+        count = (n or {}).get((attack, bench)) or len({r["behaviour_id"] for r in rs})
+        table.setdefault(attack, {})[bench] = score_cell(judge, comps, requests, count,
+                                                         getattr(cls, "aggregate", "mean"))[0]
+    return table, safe_rates
+
+
 def run_capability(cfg: EvalConfig, model: Any, tokenizer: Any, out: Path) -> dict:
     """Capability numbers from repbend.evaluation.capability (MMLU subset, KL/perplexity vs original)."""
     if cfg.suite.capability is None:
@@ -181,8 +227,8 @@ def run_capability(cfg: EvalConfig, model: Any, tokenizer: Any, out: Path) -> di
                                           adapter=cfg.adapter, out_dir=out, progress=cfg.progress)
 
 
-def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> dict:
-    """Evaluate ``cfg.model`` (+ adapter) with ``cfg.suite``; returns the ``results.json`` dict.
+def evaluate(cfg: EvalConfig, *, model: Any = None, tokenizer: Any = None) -> Results:
+    """Evaluate ``cfg.model`` (+ adapter) with ``cfg.suite``; returns what ``results.json`` holds.
 
     Pass ``model``/``tokenizer`` to evaluate an already loaded model (``cfg.model`` is then only a label).
     The evaluation holds an exclusive lock on its output folder throughout.
@@ -239,7 +285,7 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
         timings["capability"] = round(time.perf_counter() - t0, 2)
     timings["total"] = round(time.perf_counter() - t_start, 2)
 
-    results = {
+    results = Results.model_validate({
         "asr": asr,
         "average_asr": average_asr(asr),
         "over_refusal": over_refusal,
@@ -261,10 +307,12 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
             "provenance": attack_meta["provenance"],
             "generic_target": suite.generic_target if suite.allow_generic_target else None,
         },
-    }
+    })
     write_jsonl(out / "completions.jsonl", rows)
-    atomic_write_json(out / "results.json", results)
+    results.write(out)
     if cfg.report:
+        from repbend.evaluation.report import write_report
+
         write_report(results, out)
     _echo(f"results: {out / 'results.json'} (total {timings['total']:.0f} s)")
     return results
@@ -277,14 +325,3 @@ def cached_throughput(store: Any, fingerprint: str) -> dict:
     secs = sum(r.get("seconds", 0.0) for r in rows)
     return {"completions": len(rows), "new_tokens": tokens, "seconds": round(secs, 2),
             "tokens_per_s": round(tokens / secs, 2) if secs else None}
-
-
-def write_report(results: dict, out: Path) -> None:
-    try:
-        from repbend.evaluation.report import write_report as _write
-    except ModuleNotFoundError as e:
-        if e.name != "repbend.evaluation.report":
-            raise
-        _echo("report: repbend.evaluation.report is not available; wrote results.json only")
-        return
-    _write(results, out)

@@ -15,13 +15,13 @@ benchmark's behaviours (for expensive white-box attacks on a CPU)::
     judge: {name: default}
 
 ``load_suite("quick" | "full" | path, overrides)`` reads ``configs/suites/<name>.yaml`` (shipped with
-the package) or the file, applies ``a.b=value`` overrides, and validates everything — including each
+the package) or the file, applies ``a.b=value`` overrides (list entries by index or label:
+``attacks.gcg.steps=5``), and validates everything — including each
 attack's/benchmark's/judge's own Config — reporting every problem at once with its field path
 (``attacks[2] (templates).n_templates: ...``).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -31,12 +31,8 @@ from repbend.errors import ConfigError, RepbendError
 from repbend.evaluation.attacks.base import GENERIC_TARGET
 from repbend.evaluation.overrefusal import OverRefusalConfig
 from repbend.evaluation.types import GenSettings
+from repbend.paths import resolve_config
 from repbend.registry import Registry
-
-# Source checkout: <repo>/configs/suites; installed wheel: repbend/configs/suites (package data).
-_HERE = Path(__file__).resolve()
-SUITES_DIR = next((d for d in (_HERE.parents[3] / "configs" / "suites", _HERE.parents[1] / "configs" / "suites")
-                   if d.is_dir()), _HERE.parents[3] / "configs" / "suites")
 
 
 class GenerationConfig(Section):
@@ -128,69 +124,16 @@ def check_suite(suite: Suite) -> list[str]:
             _, errors = validate_data(cls.Config, fields)
             problems += [f"{where}.{e}" for e in errors]
     if suite.capability is not None:
-        try:
-            from repbend.evaluation.capability import CapabilityConfig
-        except ImportError:
-            CapabilityConfig = None  # noqa: N806 - capability module not installed: checked when it runs
-        if CapabilityConfig is not None:
-            problems += [f"capability.{e}" for e in validate_data(CapabilityConfig, suite.capability)[1]]
+        from repbend.evaluation.capability import CapabilityConfig
+
+        problems += [f"capability.{e}" for e in validate_data(CapabilityConfig, suite.capability)[1]]
     return problems
-
-
-def suite_path(spec: str) -> Path:
-    p = Path(spec).expanduser()
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return p
-    shipped = SUITES_DIR / f"{spec}.yaml"
-    if not shipped.is_file():
-        names = sorted(x.stem for x in SUITES_DIR.glob("*.yaml")) if SUITES_DIR.is_dir() else []
-        raise ConfigError(f"Unknown suite {spec!r}; pass one of {', '.join(names) or '(none shipped)'} or a .yaml file.")
-    return shipped
-
-
-def _list_item(node: list, part: str, item: str) -> dict:
-    if part.isdigit() and int(part) < len(node):
-        return node[int(part)]
-    hits = [x for x in node if isinstance(x, dict) and part in (x.get("label"), x.get("name"))]
-    if len(hits) != 1:
-        raise ConfigError(f"Override {item!r}: {part!r} matches {len(hits)} entries; use the list index or a unique label.")
-    return hits[0]
-
-
-def apply_suite_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """``a.b=value`` overrides; list entries (benchmarks, attacks) by index or name/label: ``attacks.gcg.steps=5``."""
-    import copy
-
-    out = copy.deepcopy(data)
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        parts = key.strip().split(".")
-        node: Any = out
-        i = 0
-        while i < len(parts) - 1 and isinstance(node, (dict, list)):
-            if isinstance(node, list):
-                node = _list_item(node, parts[i], item)
-            elif isinstance(node.get(parts[i]), list):
-                node = node[parts[i]]
-            else:
-                break
-            i += 1
-        if isinstance(node, list):
-            raise ConfigError(f"Override {item!r} must name a field of a list entry (e.g. attacks.0.n_templates=2).")
-        rest = ".".join(parts[i:])
-        if not sep or not rest:
-            raise ConfigError(f"Override {item!r} must look like section.field=value (e.g. generation.max_new_tokens=32).")
-        try:
-            node.update(apply_overrides(node, [f"{rest}={raw}"]))
-        except AttributeError:
-            raise ConfigError(f"Override {item!r}: {'.'.join(parts[:i])} is a value, not a section.") from None
-    return out
 
 
 def load_suite(spec: str, overrides: list[str] | None = None) -> Suite:
     """Load and fully validate a suite (shipped name or YAML path) with ``a.b=value`` overrides."""
-    path = suite_path(spec)
-    data = apply_suite_overrides(read_yaml(path), overrides)
+    path = resolve_config(spec, "suites", kind="suite")
+    data = apply_overrides(read_yaml(path), overrides)
     data.setdefault("name", path.stem)
     suite, errors = validate_data(Suite, data)
     if suite is not None:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from repbend.data.chat import prompt_ids
+from repbend.models.chat import prompt_ids
 from repbend.errors import RepbendError
 
 

@@ -214,7 +214,7 @@ def load_model(spec: str = "default", adapter: str | os.PathLike | None = None, 
 
     ``for_training``: keep gradients and load the adapter as trainable; otherwise the model is in eval mode
     with gradients off. ``fallback_template``: give a tokenizer without a chat template repbend's plain
-    template (see :mod:`repbend.data.chat`).
+    template (see :mod:`repbend.models.chat`).
     """
     res = resolve_model(spec)
     if res.kind == "adapter":
@@ -234,7 +234,7 @@ def load_model(spec: str = "default", adapter: str | os.PathLike | None = None, 
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if fallback_template:
-        from repbend.data.chat import use_fallback_template
+        from repbend.models.chat import use_fallback_template
         use_fallback_template(tok)
     if adapter is not None:
         from repbend.models.adapters import attach_adapter

@@ -6,19 +6,29 @@ from typing import Optional
 import typer
 
 
-def _load(profile_or_path: str, output_dir: Optional[str], overrides: list[str], **extra):
+def _load(profile_or_path: str, output_dir: Optional[str], overrides: list[str], **values):
+    """The pipeline config of a profile (``quick`` -> configs/pipeline-quick.yaml) or a YAML path, the user's
+    ``key=value`` overrides, then the options given on the command line (``values``, typed; None = not given)."""
     from repbend.config import load_config
     from repbend.paths import resolve_config
     from repbend.pipeline.jobs import PipelineConfig
 
-    path = resolve_config(profile_or_path if profile_or_path.endswith((".yaml", ".yml")) else f"pipeline-{profile_or_path}")
-    ov = list(overrides)
-    if output_dir:
-        ov.append(f"output_dir={output_dir}")
-    for k, v in extra.items():
-        if v is not None:
-            ov.append(f"{k}={v}")
-    return load_config(PipelineConfig, path, ov)
+    name = profile_or_path if profile_or_path.endswith((".yaml", ".yml")) else f"pipeline-{profile_or_path}"
+    values = {"output_dir": output_dir, **values}
+    return load_config(PipelineConfig, resolve_config(name, kind="pipeline profile"), overrides,
+                       values={k: v for k, v in values.items() if v is not None})
+
+
+def _csv(text: Optional[str], what: str, cast=str) -> Optional[list]:
+    """A comma-separated option as a list (``--seeds 0,1,2``); None when not given."""
+    if not text:
+        return None
+    from repbend.errors import RepbendError
+
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RepbendError(f"{what} {text!r}: give comma-separated {cast.__name__} values, e.g. 0,1,2.") from None
 
 
 def _finish(res: dict, out: str) -> None:
@@ -40,7 +50,7 @@ def register(app: typer.Typer) -> None:
         train RepBend, evaluate it, and write a side-by-side report. Finished stages are skipped on a re-run."""
         from repbend.pipeline.jobs import run_pipeline
 
-        cfg = _load(profile, output_dir, overrides or [], seeds=f"[{seeds}]" if seeds else None)
+        cfg = _load(profile, output_dir, overrides or [], seeds=_csv(seeds, "--seeds", int))
         _finish(run_pipeline(cfg), cfg.output_dir)
 
     @app.command("compare")
@@ -60,9 +70,9 @@ def register(app: typer.Typer) -> None:
 
         ov = list(overrides or [])
         if output_dir is None and not any(o.startswith("output_dir=") for o in ov):
-            ov.append(f"output_dir=runs/compare-{config if not config.endswith('.yaml') else 'custom'}")
-        cfg = _load(config, output_dir, ov, methods=f"[{methods}]", suite=suite,
-                    seeds=f"[{seeds}]" if seeds else None)
+            output_dir = f"runs/compare-{config if not config.endswith('.yaml') else 'custom'}"
+        cfg = _load(config, output_dir, ov, methods=_csv(methods, "--methods"), suite=suite,
+                    seeds=_csv(seeds, "--seeds", int))
         _finish(run_pipeline(cfg), cfg.output_dir)
 
     @app.command("tune")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from repbend.config import Section, load_config, read_yaml
+from repbend.config import Section, load_config, read_yaml, set_values
 from repbend.errors import RepbendError
 from repbend.io import UserPath, write_run_info
 from repbend.paths import resolve_config
@@ -77,8 +77,9 @@ def _train_config_path(cfg: PipelineConfig, method: str) -> Path:
     return resolve_config(name)
 
 
-def _train_or_resume(tcfg) -> None:
-    """Resume from the last checkpoint if there is one; a run cut before its first checkpoint restarts."""
+def train_or_resume(tcfg) -> None:
+    """Train ``tcfg``, resuming from the run's last checkpoint if there is one (a run cut before its first
+    checkpoint restarts). What the pipeline's train stages and the tuning sweep's trials call."""
     import shutil
 
     from repbend.training import train
@@ -111,7 +112,8 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
 
     out = Path(cfg.output_dir)
     data_dir = out / "data"
-    data_cfg = load_build_config(str(resolve_config(cfg.data_config)), [f"model={cfg.model}"])
+    data_cfg = load_build_config(str(resolve_config(cfg.data_config)))
+    data_cfg = load_config(type(data_cfg), data={**data_cfg.model_dump(mode="json"), "model": cfg.model})
     suite = load_suite(cfg.suite, list(cfg.suite_overrides))
     suite_fp = suite.model_dump(mode="json")
 
@@ -132,13 +134,13 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         raw = read_yaml(path)
         for seed in cfg.seeds:
             run = out / f"train-{method}-s{seed}"
-            tcfg = load_config(TrainConfig, data=raw, overrides=[
-                f"model.name={cfg.model}", f"data.dir={data_dir}", f"output_dir={run}",
-                f"training.seed={seed}", *cfg.train_overrides])
+            own = set_values(raw, {"model.name": cfg.model, "data.dir": str(data_dir), "output_dir": str(run),
+                                   "training.seed": seed})
+            tcfg = load_config(TrainConfig, data=own, overrides=cfg.train_overrides)   # the user's overrides win
             if tcfg.method.name != method:
                 raise RepbendError(f"{path} trains method {tcfg.method.name!r}, but it was chosen for {method!r}; "
                                    f"point --train-config at the right file.")
-            stages.append(Stage(f"train {method} seed {seed}", run, lambda t=tcfg: _train_or_resume(t),
+            stages.append(Stage(f"train {method} seed {seed}", run, lambda t=tcfg: train_or_resume(t),
                                 {"train": train_fingerprint(tcfg), "data": data_cfg.model_dump(mode="json")}))
             # the run folder holds the final adapter (LoRA) or the full weights (full fine-tuning)
             if tcfg.full_finetune:

@@ -7,41 +7,26 @@ Input: ``{label: [eval folder, ...]}`` (one folder per seed; the original model 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import mean, pstdev
 
 from repbend.errors import RepbendError
+from repbend.evaluation.results import RESULTS_FILE, Results
 from repbend.io import atomic_write_json, atomic_write_text
 
 
-def _load(run: Path) -> dict:
-    p = Path(run) / "results.json"
-    if not p.is_file():
+def _load(run: Path) -> Results:
+    if not (Path(run) / RESULTS_FILE).is_file():
         raise RepbendError(f"{run} has no results.json; evaluate it first (repbend eval ... --output-dir {run}).")
-    return json.loads(p.read_text(encoding="utf-8"))
+    return Results.load(run)
 
 
-def _attack_asr(res: dict) -> dict[str, float]:
-    """Per attack: mean ASR over its benchmarks."""
-    out = {}
-    for attack, benches in res.get("asr", {}).items():
-        vals = [b["asr"] for b in benches.values() if isinstance(b, dict) and b.get("asr") is not None]
-        if vals:
-            out[attack] = mean(vals)
-    return out
+def _attack_rate(res: Results, key: str) -> dict[str, float]:
+    """Per attack: ``key`` (asr, gibberish, refusal) averaged over its benchmarks (attacks without a value left out)."""
+    return {a: v for a, v in res.attack_rate(key).items() if v is not None}
 
 
-def _attack_rate(res: dict, key: str) -> dict[str, float]:
-    out = {}
-    for attack, benches in res.get("asr", {}).items():
-        vals = [b[key] for b in benches.values() if isinstance(b, dict) and b.get(key) is not None]
-        if vals:
-            out[attack] = mean(vals)
-    return out
-
-
-# The attacks issue #8's target averages (the paper's headline set): direct request, prefilling,
+# The paper's headline set of attacks: direct request, prefilling,
 # template jailbreaks, input-embedding and GCG; matched by label prefix (embedding_paper counts).
 CORE_ATTACKS = ("direct", "prefill", "templates", "embedding", "gcg")
 
@@ -57,27 +42,24 @@ def core_average(per_attack: dict[str, float]) -> float | None:
     return mean(vals) if vals else None
 
 
-def _flat(res: dict) -> dict[str, float]:
+def _flat(res: Results) -> dict[str, float]:
     """Every headline number of one run as ``name -> value``."""
-    per_attack = _attack_asr(res)
+    per_attack = _attack_rate(res, "asr")
     row = {f"asr/{k}": v for k, v in per_attack.items()}
     core = core_average(per_attack)
     if core is not None:
         row["core_asr"] = core
     row.update({f"gibberish/{k}": v for k, v in _attack_rate(res, "gibberish").items()})
     row.update({f"refusal/{k}": v for k, v in _attack_rate(res, "refusal").items()})
-    if res.get("average_asr") is not None:
-        row["average_asr"] = res["average_asr"]
-    comp = (res.get("over_refusal") or {}).get("compliance")
-    if comp is not None:
-        row["over_refusal/compliance"] = comp
-    held_out = ((res.get("over_refusal") or {}).get("sets") or {}).get("overrefusal") or {}
-    for k in ("refusal", "gibberish"):      # present since the default-judge measure (session 2)
-        if held_out.get(k) is not None:
-            row[f"over_refusal/{k}"] = held_out[k]
-    for k, v in (res.get("capability") or {}).items():
-        if isinstance(v, (int, float)):
-            row[f"capability/{k}"] = float(v)
+    if res.average_asr is not None:
+        row["average_asr"] = res.average_asr
+    if res.over_refusal.compliance is not None:
+        row["over_refusal/compliance"] = res.over_refusal.compliance
+    held_out = res.set_rates("overrefusal")
+    for k in ("refusal", "gibberish"):      # written by runs that scored over-refusal with the default judge
+        if getattr(held_out, k) is not None:
+            row[f"over_refusal/{k}"] = getattr(held_out, k)
+    row.update({f"capability/{k}": v for k, v in res.capability_numbers().items()})
     return row
 
 
@@ -93,7 +75,7 @@ def aggregate(runs: dict[str, list[Path]]) -> dict:
             "seeds": rows,
             "mean": {k: mean(r[k] for r in rows if k in r) for k in keys},
             "std": {k: pstdev([r[k] for r in rows if k in r]) for k in keys},
-            "judge": (results[0].get("judge") or {}).get("name") if results else None,
+            "judge": results[0].judge_name if results else None,
         }
     return out
 

@@ -16,6 +16,7 @@ from typing import Callable, ContextManager
 import torch
 
 from repbend.errors import RepbendError
+from repbend.layers import check_layers
 from repbend.training.config import TrainConfig
 
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
@@ -55,9 +56,7 @@ def build_models(cfg: TrainConfig, method_cls, method_cfg) -> tuple[ModelPair, o
     blocks = cfg.lora.layers_to_transform if not cfg.full_finetune else None
     blocks = blocks if blocks is not None else method.trainable_layers()
     if blocks is not None:
-        bad = [b for b in blocks if not 0 <= b < num_layers]
-        if bad:
-            raise RepbendError(f"lora.layers_to_transform: blocks {bad} out of range 0..{num_layers - 1}.")
+        check_layers(blocks, num_layers, "lora.layers_to_transform", "block")
     if cfg.training.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

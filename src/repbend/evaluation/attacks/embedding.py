@@ -53,21 +53,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class EmbeddingConfig(Section):
     preset: Literal["paper", "strong", "cpu"] = Field("paper", description="Budget/optimiser preset (see module doc).")
-    num_tokens: int | None = Field(None, description="Number of soft embeddings inserted after the request.")
+    num_tokens: int | None = Field(None, gt=0, description="Number of soft embeddings inserted after the request.")
     optimizer: Literal["sgd", "signed", "adam"] | None = Field(
         None, description="sgd (plain gradient step), signed (lr * sign(grad)) or adam.")
-    lr: float | None = Field(None, description="Step size of the optimiser.")
-    steps: int | None = Field(None, description="Maximum optimisation steps per behaviour.")
+    lr: float | None = Field(None, gt=0, description="Step size of the optimiser.")
+    steps: int | None = Field(None, gt=0, description="Maximum optimisation steps per behaviour.")
     early_stop_loss: float | None = Field(None, description="Stop a behaviour once its target loss is below this.")
     init: str | None = Field(None, description="Text whose token embeddings initialise the soft tokens (cycled to "
                                                "num_tokens); '@target' uses the behaviour's target text.")
-    samples: int | None = Field(None, description="Generations per behaviour (success if any succeeds).")
+    samples: int | None = Field(None, gt=0, description="Generations per behaviour (success if any succeeds).")
     do_sample: bool | None = Field(None, description="Sample (temperature/top_p) instead of greedy decoding.")
     temperature: float = Field(0.7, description="Sampling temperature when do_sample.")
     top_p: float = Field(0.95, description="Nucleus sampling mass when do_sample.")
-    batch_size: int = Field(4, description="Behaviours optimised together.")
-    time_limit_s: float | None = Field(None, description="Wall-clock limit of the optimisation per batch (seconds).")
-    max_new_tokens: int | None = Field(None, description="Answer length; default: the suite's setting.")
+    batch_size: int = Field(4, gt=0, description="Behaviours optimised together.")
+    time_limit_s: float | None = Field(None, gt=0, description="Wall-clock limit of the optimisation per batch (seconds).")
+    max_new_tokens: int | None = Field(None, gt=0, description="Answer length; default: the suite's setting.")
     seed: int = Field(0, description="Seed for initialisation noise and sampling.")
 
     def resolved(self) -> dict[str, Any]:
@@ -228,9 +228,6 @@ class EmbeddingAttack(Attack):
     def __init__(self, config: EmbeddingConfig | None = None):
         self.config = config or EmbeddingConfig()
         self.cfg = self.config.resolved()
-        wb.check_positive(self.name, num_tokens=self.cfg["num_tokens"], steps=self.cfg["steps"],
-                          samples=self.cfg["samples"], lr=self.cfg["lr"], batch_size=self.config.batch_size,
-                          time_limit_s=self.config.time_limit_s, max_new_tokens=self.config.max_new_tokens)
 
     def _key(self, target: Any, b: Behaviour) -> str:
         return make_key("whitebox", self.name, self.cfg, getattr(target, "fingerprint", ""), b.id, b.full_prompt,

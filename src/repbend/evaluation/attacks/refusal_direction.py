@@ -30,6 +30,7 @@ from pydantic import Field
 
 from repbend.config import Section
 from repbend.errors import RepbendError
+from repbend.layers import check_layers
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.store import make_key
 from repbend.evaluation.types import Attack, Behaviour, Completion, Conversation, GenSettings
@@ -40,14 +41,14 @@ REFUSAL_OPENERS = ("I", "Sorry", "As", "Unfortunately", "I'm", "No")
 
 
 class RefusalAblationConfig(Section):
-    n_train: int = Field(32, description="Harmful and harmless requests (each) used to compute the directions.")
-    n_val: int = Field(8, description="Held-out harmful requests used to choose the layer.")
+    n_train: int = Field(32, gt=0, description="Harmful and harmless requests (each) used to compute the directions.")
+    n_val: int = Field(8, gt=0, description="Held-out harmful requests used to choose the layer.")
     layers: list[int] | None = Field(None, description="Candidate hidden-state indices (1..L-1); default: "
                                                        "n_candidates evenly spaced over 25%..75% of the depth.")
-    n_candidates: int = Field(4, description="Number of candidate layers when layers is not given.")
-    val_max_new_tokens: int = Field(16, description="Answer length used to judge refusals during validation.")
-    batch_size: int = Field(16, description="Requests per forward pass when collecting activations.")
-    max_new_tokens: int | None = Field(None, description="Answer length of the attack; default: the suite's.")
+    n_candidates: int = Field(4, gt=0, description="Number of candidate layers when layers is not given.")
+    val_max_new_tokens: int = Field(16, gt=0, description="Answer length used to judge refusals during validation.")
+    batch_size: int = Field(16, gt=0, description="Requests per forward pass when collecting activations.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Answer length of the attack; default: the suite's.")
     seed: int = Field(0, description="Seed for the choice of training/validation requests.")
 
 
@@ -74,11 +75,7 @@ def candidate_layers(attack: str, layers: list[int] | None, n_candidates: int, n
     """The given hidden-state indices (checked to be block outputs 1..L-1), or ``n_candidates`` evenly spaced over
     25%..75% of the depth."""
     if layers:
-        bad = [i for i in layers if not 1 <= i <= num_layers - 1]
-        if bad:
-            raise RepbendError(f"Attack '{attack}': layers {bad} out of range; use hidden-state indices "
-                               f"1..{num_layers - 1} (block outputs).")
-        return sorted(set(layers))
+        return sorted(set(check_layers(layers, num_layers, f"attack {attack!r}: layers", "block_output")))
     lo, hi = max(1, round(num_layers * 0.25)), max(1, round(num_layers * 0.75))
     n = min(n_candidates, hi - lo + 1)
     return sorted({round(lo + i * (hi - lo) / max(1, n - 1)) for i in range(n)})
@@ -202,10 +199,6 @@ class RefusalAblation(Attack):
 
     def __init__(self, config: RefusalAblationConfig | None = None):
         self.config = config or RefusalAblationConfig()
-        c = self.config
-        wb.check_positive(self.name, n_train=c.n_train, n_val=c.n_val, n_candidates=c.n_candidates,
-                          val_max_new_tokens=c.val_max_new_tokens, batch_size=c.batch_size,
-                          max_new_tokens=c.max_new_tokens)
 
     def candidate_layers(self, num_layers: int) -> list[int]:
         return candidate_layers(self.name, self.config.layers, self.config.n_candidates, num_layers)

@@ -32,18 +32,18 @@ from repbend.seeding import seed_everything
 
 
 class RelearnConfig(Section):
-    steps: int = Field(20, description="LoRA fine-tuning steps (k).")
+    steps: int = Field(20, gt=0, description="LoRA fine-tuning steps (k).")
     checkpoints: list[int] | None = Field(None, description="Steps at which to attack; default [0, k/2, k].")
-    lr: float = Field(2e-4, description="AdamW learning rate of the adapter.")
-    batch_size: int = Field(4, description="Pairs per step.")
-    n_train: int = Field(64, description="Harmful pairs in the fine-tuning set (cycled).")
-    lora_r: int = Field(8, description="LoRA rank.")
-    lora_alpha: int = Field(16, description="LoRA alpha.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate of the adapter.")
+    batch_size: int = Field(4, gt=0, description="Pairs per step.")
+    n_train: int = Field(64, gt=0, description="Harmful pairs in the fine-tuning set (cycled).")
+    lora_r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA alpha.")
     target_modules: str | list[str] = Field("all-linear", description="Modules that get LoRA (peft syntax).")
-    max_length: int = Field(256, description="Tokens per training sequence (request + answer).")
+    max_length: int = Field(256, gt=0, description="Tokens per training sequence (request + answer).")
     data: str | None = Field(None, description="Built data set folder whose harmful rows to train on "
                                                "(default: AdvBench goals + targets).")
-    max_new_tokens: int | None = Field(None, description="Answer length of the attack; default: the suite's.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Answer length of the attack; default: the suite's.")
     seed: int = Field(0, description="Seed for data order and adapter init.")
 
 
@@ -108,9 +108,6 @@ class Relearn(Attack):
     def __init__(self, config: RelearnConfig | None = None):
         self.config = config or RelearnConfig()
         c = self.config
-        wb.check_positive(self.name, steps=c.steps, lr=c.lr, batch_size=c.batch_size, n_train=c.n_train,
-                          lora_r=c.lora_r, lora_alpha=c.lora_alpha, max_length=c.max_length,
-                          max_new_tokens=c.max_new_tokens)
         self.checkpoints = sorted(set(c.checkpoints if c.checkpoints is not None else [0, c.steps // 2, c.steps]))
         if any(s < 0 or s > c.steps for s in self.checkpoints):
             raise RepbendError(f"Attack 'relearn': checkpoints {self.checkpoints} must lie in 0..steps ({c.steps}).")

@@ -25,10 +25,9 @@ import time
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from repbend.config import Section
-from repbend.errors import RepbendError
 from repbend.evaluation.attacks import whitebox_common as wb
 from repbend.evaluation.attacks.refusal_direction import candidate_layers, contrast_states
 from repbend.evaluation.store import make_key
@@ -37,18 +36,18 @@ from repbend.models.hooks import shift_block_outputs
 
 
 class SteeringConfig(Section):
-    n_train: int = Field(32, description="Harmful and harmless requests (each) used to compute the directions.")
-    n_val: int = Field(8, description="Held-out harmful requests used to choose the layer and coefficient.")
+    n_train: int = Field(32, gt=0, description="Harmful and harmless requests (each) used to compute the directions.")
+    n_val: int = Field(8, gt=0, description="Held-out harmful requests used to choose the layer and coefficient.")
     layers: list[int] | None = Field(None, description="Candidate hidden-state indices (1..L-1, block outputs); "
                                                        "default: n_candidates evenly spaced over 25%..75% of the depth.")
-    n_candidates: int = Field(3, description="Number of candidate layers when layers is not given.")
-    coefficients: list[float] = Field([1.0, 2.0, 4.0], min_length=1,
+    n_candidates: int = Field(3, gt=0, description="Number of candidate layers when layers is not given.")
+    coefficients: list[PositiveFloat] = Field([1.0, 2.0, 4.0], min_length=1,
                                       description="Candidate steering strengths c, in units of the gap between the "
                                                   "harmful and harmless means at that layer.")
-    val_max_new_tokens: int = Field(48, description="Answer length used during validation (the gibberish "
+    val_max_new_tokens: int = Field(48, gt=0, description="Answer length used during validation (the gibberish "
                                                    "statistics need a few dozen words).")
-    batch_size: int = Field(16, description="Requests per forward pass.")
-    max_new_tokens: int | None = Field(None, description="Answer length of the attack; default: the suite's.")
+    batch_size: int = Field(16, gt=0, description="Requests per forward pass.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Answer length of the attack; default: the suite's.")
     seed: int = Field(0, description="Seed for the choice of training/validation requests.")
 
 
@@ -88,12 +87,6 @@ class Steering(Attack):
 
     def __init__(self, config: SteeringConfig | None = None):
         self.config = config or SteeringConfig()
-        c = self.config
-        wb.check_positive(self.name, n_train=c.n_train, n_val=c.n_val, n_candidates=c.n_candidates,
-                          val_max_new_tokens=c.val_max_new_tokens, batch_size=c.batch_size,
-                          max_new_tokens=c.max_new_tokens)
-        if any(x <= 0 for x in c.coefficients):
-            raise RepbendError(f"Attack 'steering': coefficients must be > 0, got {c.coefficients}.")
 
     def candidate_layers(self, num_layers: int) -> list[int]:
         return candidate_layers(self.name, self.config.layers, self.config.n_candidates, num_layers)

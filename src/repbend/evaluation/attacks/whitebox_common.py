@@ -47,13 +47,6 @@ def resolve_preset(presets: dict[str, dict[str, Any]], config: Any) -> dict[str,
     return out
 
 
-def check_positive(attack: str, **budgets: float | int | None) -> None:
-    """Raise if any budget (steps, candidates, samples, seconds, ...) is zero or negative."""
-    for name, value in budgets.items():
-        if value is not None and value <= 0:
-            raise RepbendError(f"Attack {attack!r}: {name} must be > 0 (got {value}); set a positive budget.")
-
-
 def require_targets(attack: str, behaviours: list[Behaviour]) -> None:
     """Target-based attacks need ``Behaviour.target`` (the benchmark's "Sure, here is ..." string)."""
     missing = [b.id for b in behaviours if not (b.target or "").strip()]

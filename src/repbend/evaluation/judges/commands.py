@@ -7,19 +7,16 @@ import typer
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict]:
-    """``judge.field=value`` -> {judge: {field: value}} (values parsed as YAML)."""
-    import yaml
-
+    """``judge.field=value`` -> {judge: {field: value}} (the config override parser; values parsed as YAML)."""
+    from repbend.config import apply_overrides
     from repbend.errors import RepbendError
 
-    out: dict[str, dict] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
+        key, sep, _ = item.partition("=")
         judge, dot, field = key.partition(".")
         if not sep or not dot or not judge or not field:
             raise RepbendError(f"--set {item!r} must look like judge.field=value (e.g. default.min_words=5).")
-        out.setdefault(judge, {})[field] = yaml.safe_load(raw)
-    return out
+    return apply_overrides({}, items)
 
 
 def print_validation(result: dict) -> None:
