@@ -53,7 +53,7 @@ def shape_problems(base, weights: Path) -> list[str]:
 
 
 def _safetensor_error() -> type:
-    from repbend.models.loading import _SafetensorError
+    from repbend.models.weights import SafetensorError as _SafetensorError
 
     return _SafetensorError
 
@@ -77,7 +77,7 @@ def attach_adapter(model, folder: Path, resolved, *, trainable: bool = False):
                            f"was the training run finished?")
     want = str(cfg.get("base_model_name_or_path") or "")
     if weights.suffix == ".safetensors":
-        from repbend.models.loading import damaged_weights
+        from repbend.models.weights import damaged_weights
 
         damaged = damaged_weights(folder, (weights.name,))
         if damaged:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repbend.errors import RepbendError
+from repbend.models.weights import SafetensorError as _SafetensorError, damaged_weights
 
 # alias -> (canonical name, description). The canonical entries are built by repbend.models.default.
 ALIASES: dict[str, str] = {"default": "smollm2-135m-instruct", "smollm2-135m-instruct": "smollm2-135m-instruct"}
@@ -149,32 +150,6 @@ def _without_stale_gguf(config):
         return None
     del config.quantization_config
     return config
-
-
-try:
-    from safetensors import SafetensorError as _SafetensorError
-except ImportError:  # pragma: no cover - safetensors comes with transformers
-    class _SafetensorError(Exception):
-        pass
-
-
-def damaged_weights(folder: Path, names: tuple[str, ...] = ("*.safetensors",)) -> str | None:
-    """A one-line problem if a safetensors file in ``folder`` is truncated or damaged (header and size checked,
-    without reading the tensors), else None."""
-    from safetensors import safe_open
-
-    for pattern in names:
-        for f in sorted(folder.glob(pattern)):
-            try:
-                with safe_open(str(f), framework="pt") as st:
-                    keys = list(st.keys())
-                    if keys:  # the last tensor's data must lie inside the file
-                        st.get_slice(keys[-1])
-            except (_SafetensorError, OSError, ValueError, RuntimeError) as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                return (f"The weights file {f} is damaged or truncated ({first}); copy or save that model folder "
-                        f"again (a partial download or an interrupted copy leaves such a file).")
-    return None
 
 
 def _from_pretrained(location: str, kind: str, device: str, dtype, trust_remote_code: bool):
