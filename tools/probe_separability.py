@@ -1,10 +1,11 @@
 """How well does a model's own representation tell harmful requests from safe ones that look harmful?
 
 A diagnostic for the default-model targets (docs/TUNING.md, "What the original model already
-separates"). RepBend changes how a model answers a request by moving the hidden states that request produces; it can only treat two requests differently where the model already tells them
-apart (or where training teaches it to). This script measures that on the ORIGINAL model: a logistic
-regression on the hidden state of the last prompt token (where generation starts; every layer
-0..L), trained on the training data's requests (harmful: the `unsafe` rows; safe: the benign and
+separates"). RepBend changes how a model answers a request by moving the hidden states that request
+produces; it can only treat two requests differently where the model already tells them apart (or
+where training teaches it to). This script measures that on the ORIGINAL model: a logistic regression
+on the hidden state of the last prompt token (where generation starts; every layer 0..L), trained on
+the training data's requests (harmful: the `unsafe` rows; safe: the benign and
 over-refusal-train rows), tested on requests it never saw:
 
 * harmful: HarmBench validation (60) and test (240) behaviours, as the direct-request attack sends

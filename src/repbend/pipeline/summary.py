@@ -41,7 +41,7 @@ def _attack_rate(res: dict, key: str) -> dict[str, float]:
     return out
 
 
-# The attacks issue #8's target averages (the paper's headline set): direct request, prefilling,
+# The attacks the core-ASR target averages (the paper's headline set): direct request, prefilling,
 # template jailbreaks, input-embedding and GCG; matched by label prefix (embedding_paper counts).
 CORE_ATTACKS = ("direct", "prefill", "templates", "embedding", "gcg")
 
@@ -72,7 +72,7 @@ def _flat(res: dict) -> dict[str, float]:
     if comp is not None:
         row["over_refusal/compliance"] = comp
     held_out = ((res.get("over_refusal") or {}).get("sets") or {}).get("overrefusal") or {}
-    for k in ("refusal", "gibberish"):      # present since the default-judge measure (session 2)
+    for k in ("refusal", "gibberish"):      # reported by the default-judge measure
         if held_out.get(k) is not None:
             row[f"over_refusal/{k}"] = held_out[k]
     for k, v in (res.get("capability") or {}).items():
