@@ -1,11 +1,11 @@
 """How well does a model's own representation tell harmful requests from safe ones that look harmful?
 
-A diagnostic for the default-model targets (issue #8, docs/TUNING.md "A ceiling from the original
-model's states"). RepBend changes how a model answers a request by moving the hidden states that
-request produces; it can only treat two requests differently where the model already tells them
-apart (or where training teaches it to). This script measures that on the ORIGINAL model: a logistic
-regression on the hidden state of the last prompt token (where generation starts; every layer
-0..L), trained on the training data's requests (harmful: the `unsafe` rows; safe: the benign and
+A diagnostic for the default-model targets (docs/TUNING.md, "What the original model already
+separates"). RepBend changes how a model answers a request by moving the hidden states that request
+produces; it can only treat two requests differently where the model already tells them apart (or
+where training teaches it to). This script measures that on the ORIGINAL model: a logistic regression
+on the hidden state of the last prompt token (where generation starts; every layer 0..L), trained on
+the training data's requests (harmful: the `unsafe` rows; safe: the benign and
 over-refusal-train rows), tested on requests it never saw:
 
 * harmful: HarmBench validation (60) and test (240) behaviours, as the direct-request attack sends
@@ -14,7 +14,7 @@ over-refusal-train rows), tested on requests it never saw:
   alarming words, the prompts on which over-refusal compliance is measured.
 
 Also per layer: the same scores for the plain difference of the training means (harmful - safe; no
-fitted weights), the direction RepBend's optional L_dir term pushes along (docs/TUNING.md, round 19).
+fitted weights), the direction RepBend's optional L_dir term pushes along (docs/TUNING.md).
 
 A baseline with no model states (logistic regression on which tokens a prompt contains) shows how far
 words alone go. Printed per layer: AUROC, and the share of harmful behaviours caught at the best threshold that flags at

@@ -93,7 +93,7 @@ def test_adapter_on_default_model_records_portable_alias(shared_cache, tmp_path)
 
 
 def test_default_model_adapter_merges_into_a_plain_folder(shared_cache, tmp_path):
-    """repbend merge on a default-model adapter (it failed until session 10: the cached folder's config named
+    """repbend merge on a default-model adapter (it failed when the cached folder's config named
     GGUF, so save_pretrained refused); the merged folder loads with plain transformers and matches PEFT."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM

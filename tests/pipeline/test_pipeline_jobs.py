@@ -96,12 +96,12 @@ def test_empty_new_training_options_keep_old_fingerprints(tmp_path):
 
 def test_full_finetune_evals_measure_kl_against_the_base(tmp_path):
     # a full model has no adapter to switch off: without capability.reference_model its KL was skipped and its
-    # perplexity scored on its own answers (tuning round 17 found this)
+    # perplexity scored on its own answers
     def stages(overrides):
         cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides})
         return {s.name: s for s in plan(cfg)}
 
-    lora, full = stages(["full_finetune=false", "training.lr=5e-4"]), stages([])   # the default is full FT (round 17)
+    lora, full = stages(["full_finetune=false", "training.lr=5e-4"]), stages([])   # the default is full fine-tuning
     assert full["evaluate eval-repbend-s0"].fingerprint["suite"]["capability"]["reference_model"] == "default"
     assert "reference_model" not in (lora["evaluate eval-repbend-s0"].fingerprint["suite"]["capability"] or {})
     assert full["evaluate eval-original"].key == lora["evaluate eval-original"].key

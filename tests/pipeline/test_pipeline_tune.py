@@ -144,7 +144,7 @@ def _shipped_trials(sweep_name, tmp_path):
 
 
 def test_shipped_sweeps_pin_their_base_so_a_new_default_does_not_change_them(tmp_path):
-    # protocol v1 ran on round 1's base (alpha 0.5, response tokens, no margin) whatever the default is now
+    # tune-default's trials keep the reference script's base (alpha 0.5, response tokens, no margin)
     v1 = _shipped_trials("tune-default", tmp_path)
     grid = v1["lr=2e-05_epsilon=0.3"]
     assert (grid["alpha"], grid["token_mode"], grid["unsafe_margin"], grid["epsilon"]) == (0.5, "response_all", None, 0.3)
@@ -152,14 +152,14 @@ def test_shipped_sweeps_pin_their_base_so_a_new_default_does_not_change_them(tmp
     assert (r2["alpha"], r2["token_mode"], r2["unsafe_margin"]) == (0.5, "response_all", 0.2)
     r3 = v1["r3_reqresp"]
     assert (r3["alpha"], r3["token_mode"], r3["epsilon"], r3["safe_token_mode"]) == (2.0, "request_response", 1.0, None)
-    # protocol v2's finalists ran at epsilon 1; round 8's choice is epsilon 3
+    # tune-default-v2's LoRA finalists run at epsilon 1; r8_reqresp_eps3 at epsilon 3
     v2 = _shipped_trials("tune-default-v2", tmp_path)
     assert {v2[f"{n}@s0"]["epsilon"] for n in ("r3_reqresp", "r6_safe_resp_skip", "r8_reqresp_a3")} == {1.0}
     assert v2["r6_safe_resp_skip@s1"]["safe_token_mode"] == "response_all"
 
 
 def test_default_train_config_is_the_tuning_choice(tmp_path):
-    """configs/train-default.yaml must be what protocol v2's rule chose (docs/TUNING.md, round 17)."""
+    """configs/train-default.yaml must be the trial the tuning rule chose (docs/TUNING.md, "The choice")."""
     from repbend.config import load_config
     from repbend.paths import resolve_config
     from repbend.training import TrainConfig
@@ -175,12 +175,12 @@ def test_default_train_config_is_the_tuning_choice(tmp_path):
 
 
 def test_earlier_trials_stay_lora_after_the_default_became_full_finetuning(tmp_path):
-    # every sweep pins the LoRA r16 / lr 5e-4 base its finished trials ran on (round 17 changed the default)
+    # every sweep pins the LoRA r16 / lr 5e-4 base its trials ran on, so a full fine-tuning default does not change them
     for name in ("tune-default", "tune-default-v2", "tune-gpu-scale"):
         sweep = tune.load_sweep(name)
         for t in tune.expand(sweep):
             cfg = tune.train_config(sweep, t, tmp_path)
-            # full fine-tuning only where the trial itself asks for it (rounds 17-18), never inherited from the default
+            # full fine-tuning only where the trial itself asks for it, never inherited from the default
             assert cfg.full_finetune == ("full_finetune=true" in t["overrides"]), t["name"]
             assert cfg.full_finetune or not t["name"].startswith(("r17_full", "r18_full")), t["name"]
             if not cfg.full_finetune:

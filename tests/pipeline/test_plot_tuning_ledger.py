@@ -1,4 +1,4 @@
-"""tools/plot_tuning_ledger.py and the ledger it plots (docs/tuning_seed0_rounds17-26.csv)."""
+"""tools/plot_tuning_ledger.py and the ledger docs/TUNING.md plots (docs/tuning_trials.csv)."""
 from __future__ import annotations
 
 import csv
@@ -7,20 +7,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LEDGER = ROOT / "docs" / "tuning_seed0_rounds17-26.csv"
+LEDGER = ROOT / "docs" / "tuning_trials.csv"
+SWEEP = ROOT / "configs" / "tune-default-v2.yaml"
 
 
-def test_the_ledger_is_complete_and_agrees_with_the_plots_default_band(load_script):
-    rows = list(csv.DictReader(LEDGER.open()))
+def test_the_ledger_is_consistent_with_its_sweep_file(load_script):
+    rows = load_script("tools/plot_tuning_ledger.py").read_ledger(LEDGER)
     assert [r["trial"] for r in rows].count("original") == 1
     for r in rows:
         assert 0 <= float(r["mean_asr"]) <= 100 and 0 <= float(r["overrefusal"]) <= 100, r
-        assert r["source"], f"{r['trial']} has no source"
-    names = [r["trial"] for r in rows]
-    assert len(names) == len(set(names)), "a trial is in the ledger twice"
-    default = next(r for r in rows if "(default)" in r["trial"])
-    tool = load_script("tools/plot_tuning_ledger.py")
-    assert float(default["mean_asr"]) == tool.DEFAULT_SEEDS[0]   # seed 0 of the band is the default's seed-0 point
+        assert r["seeds"] in {"0", "1", "2", "mean"}, r
+    keys = [(r["trial"], r["seeds"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a trial and seed is in the ledger twice"
+    sweep = SWEEP.read_text()
+    for name in {r["trial"] for r in rows} - {"original"}:   # every trial can be re-run with `repbend tune --only`
+        assert f"name: {name}\n" in sweep, f"{name} is not a trial of {SWEEP.name}"
+    chosen = [r for r in rows if r["family"] == "chosen"]
+    assert len({r["trial"] for r in chosen}) == 1
+    per_seed = [float(r["mean_asr"]) for r in chosen if r["seeds"] != "mean"]
+    mean = next(float(r["mean_asr"]) for r in chosen if r["seeds"] == "mean")
+    assert abs(sum(per_seed) / len(per_seed) - mean) < 0.1   # the chosen config's mean is the mean of its seeds
 
 
 def test_plots_the_ledger_to_a_png(tmp_path, load_script):
@@ -31,14 +37,14 @@ def test_plots_the_ledger_to_a_png(tmp_path, load_script):
 
 def test_an_empty_ledger_is_a_one_line_error(tmp_path, load_script):
     empty = tmp_path / "empty.csv"
-    empty.write_text("round,trial,mean_asr,overrefusal,source\n")
+    empty.write_text("family,trial,finetune,seeds,mean_asr,overrefusal\n")
     with pytest.raises(SystemExit, match="has no rows"):
         load_script("tools/plot_tuning_ledger.py").main(empty, tmp_path / "x.png")
 
 
 @pytest.mark.parametrize("text, message", [
-    ("round,trial,asr,overrefusal\n0,original,58,97.9\n", "lacks the column"),
-    ("round,trial,mean_asr,overrefusal\n17,r17,31.3,95.8\n", "no 'original' row")])
+    ("family,trial,finetune,seeds,asr,overrefusal\noriginal,original,none,0,58,97.9\n", "lacks the column"),
+    ("family,trial,finetune,seeds,mean_asr,overrefusal\nchosen,x,full,0,31.3,95.8\n", "no 'original' row")])
 def test_a_malformed_ledger_is_a_one_line_error(tmp_path, load_script, text, message):
     bad = tmp_path / "bad.csv"
     bad.write_text(text)

@@ -78,7 +78,7 @@ def test_merge_gives_plain_model_with_same_logits(tiny_model_dir, built_dir, tmp
 
 def test_gguf_converted_folder_can_be_merged_and_fully_finetuned(tiny_model_dir, built_dir, tmp_path):
     """A GGUF -> safetensors folder (plain tensors, config.json still naming GGUF, as the default model's
-    conversion wrote it until session 10) loaded as GGUF-quantised and refused save_pretrained."""
+    conversion used to write it) loaded as GGUF-quantised and refused save_pretrained."""
     converted = tmp_path / "converted"
     shutil.copytree(tiny_model_dir, converted)
     cfg = json.loads((converted / "config.json").read_text())

@@ -312,7 +312,7 @@ def _build_dataset(cfg: DataBuildConfig, out: Path, overwrite: bool, progress: b
     jobs += [(user_text(r), g.max_new_tokens_benign) for r in data["benign"]]
     t = time.perf_counter()
     answers = generate_answers(model, tokenizer, jobs, out / CHECKPOINT, cfg, progress)
-    timings["generate_s"] = round(time.perf_counter() - t, 2)  # this session (0 when all answers were cached)
+    timings["generate_s"] = round(time.perf_counter() - t, 2)  # this run (0 when all answers were cached)
     timings["generate_s_all_sessions"] = round(sum(r.get("seconds", 0) for r in read_jsonl(out / CHECKPOINT)), 2)
 
     stats = {"harmful_requests": len(data["harmful"]), "benign_requests": len(data["benign"]),

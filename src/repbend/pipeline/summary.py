@@ -26,7 +26,7 @@ def _attack_rate(res: Results, key: str) -> dict[str, float]:
     return {a: v for a, v in res.attack_rate(key).items() if v is not None}
 
 
-# The paper's headline set of attacks: direct request, prefilling,
+# The attacks the core-ASR target averages (the paper's headline set): direct request, prefilling,
 # template jailbreaks, input-embedding and GCG; matched by label prefix (embedding_paper counts).
 CORE_ATTACKS = ("direct", "prefill", "templates", "embedding", "gcg")
 
@@ -56,7 +56,7 @@ def _flat(res: Results) -> dict[str, float]:
     if res.over_refusal.compliance is not None:
         row["over_refusal/compliance"] = res.over_refusal.compliance
     held_out = res.set_rates("overrefusal")
-    for k in ("refusal", "gibberish"):      # written by runs that scored over-refusal with the default judge
+    for k in ("refusal", "gibberish"):      # reported by the default-judge measure
         if getattr(held_out, k) is not None:
             row[f"over_refusal/{k}"] = getattr(held_out, k)
     row.update({f"capability/{k}": v for k, v in res.capability_numbers().items()})
