@@ -35,6 +35,7 @@ from repbend.methods.repbend import TokenMode, token_mask
 
 
 class CircuitBreakersConfig(Section):
+    name: Literal["circuit_breakers"] = Field("circuit_breakers", description="Method name (the method section's `name`).")
     alpha: float = Field(10.0, ge=0, description=(
         "Schedule scale alpha: rerouting weight alpha*(1-p/2), retain weight alpha*p/2 at progress p. "
         "Paper code: 10 for Llama-3-8B, 5 for Mistral-7B."))

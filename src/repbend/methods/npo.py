@@ -30,6 +30,7 @@ from repbend.methods.repbend import kl_ref_policy
 
 
 class NPOConfig(Section):
+    name: Literal["npo"] = Field("npo", description="Method name (the method section's `name`).")
     beta: float = Field(0.1, gt=0, description="Inverse temperature beta of NPO (paper: 0.1).")
     gamma: float = Field(1.0, ge=0, description="Weight of the NLL on safe answers (0 disables it).")
     delta: float = Field(0.0, ge=0, description="Weight of KL(reference || trained) on kl_split tokens (0 = off).")
