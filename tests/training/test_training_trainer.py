@@ -218,3 +218,26 @@ def test_default_model_options_train_end_to_end(tiny_model_dir, built_dir, tmp_p
     batch.method.params.kl_reduction, batch.output_dir = "batchmean", str(tmp_path / "batchmean")
     rows_b = _metrics(train(batch))
     assert float(rows_b[1]["loss/kl"]) > 5 * float(rows[1]["loss/kl"]) > 0
+
+
+def test_published_batch_options_through_the_trainer(tiny_model_dir, built_dir, tmp_path, monkeypatch):
+    """paired_refusals + response_end_of_turn false (the paper configs' batch) in the real trainer: the last safe row
+    of each step is the refusal of the step's first unsafe request, and no safe/unsafe response ends with the
+    template's end-of-turn token (retain rows keep theirs)."""
+    from transformers import AutoTokenizer
+
+    seen = []
+    real = trainer_mod.Run.loss
+    monkeypatch.setattr(trainer_mod.Run, "loss", lambda self, items, p: (seen.append(items), real(self, items, p))[1])
+    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2).model_dump()
+    data["data"].update(batch_size={"safe": 3, "unsafe": 2, "retain": 2}, paired_refusals=1, response_end_of_turn=False)
+    rows = _metrics(train(TrainConfig.model_validate(data)))
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r["loss/total"]))) for r in rows)
+    eot = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids("<|im_end|>")
+    assert len(seen) == 2
+    for items in seen:
+        assert [len(items[s]) for s in ("safe", "unsafe", "retain")] == [3, 2, 2]
+        refusal, unsafe = items["safe"][-1], items["unsafe"][0]
+        assert refusal.input_ids[:refusal.request_len] == unsafe.input_ids[:unsafe.request_len]
+        assert all(e.input_ids[-1] != eot for s in ("safe", "unsafe") for e in items[s])
+        assert all(e.input_ids[-1] == eot for e in items["retain"])
