@@ -18,7 +18,8 @@ tokens and the boundary is that prefix length. Two fallbacks cover templates whe
 
 Trailing template text after the end-of-turn token (e.g. ChatML's ``"\\n"`` after ``<|im_end|>``) is
 not part of the response: whitespace-only tokens that follow a special token at the end are dropped.
-So the response tokens decode to the response text followed by the template's end-of-turn token.
+So the response tokens decode to the response text followed by the template's end-of-turn token
+(``encode(..., end_of_turn=False)``: the response text only, as the published RepBend data).
 
 Truncation (choices):
 

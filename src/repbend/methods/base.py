@@ -39,7 +39,7 @@ class SeqBatch:
     input_ids: Tensor            # long (B, T)
     attention_mask: Tensor       # long/bool (B, T): 1 = real token, 0 = padding
     request_mask: Tensor         # bool (B, T): tokens of the prompt (chat template included)
-    response_mask: Tensor        # bool (B, T): tokens of the assistant answer (its end-of-turn included)
+    response_mask: Tensor        # bool (B, T): tokens of the assistant answer (and its end-of-turn, unless dropped)
     last_request_index: Tensor   # long (B,): position of the last request token (where generation starts)
 
     @property

@@ -1,7 +1,7 @@
 """Training configuration (``repbend train --config C``): one YAML file, every field documented.
 
-Top-level sections: ``model``, ``data``, ``method`` (name + params checked against the method's own
-``Config`` from the ``METHODS`` registry), ``lora``, ``full_finetune``, ``training``, ``output_dir``.
+Top-level sections: ``model``, ``data``, ``method`` (``name`` + ``params``: a discriminated union of every
+registered method's typed ``Config``, validated once), ``lora``, ``full_finetune``, ``training``, ``output_dir``.
 :func:`check_train_config` adds the checks that need the model's shape or the file system, still
 without loading any model, so ``repbend validate`` can report every problem at once.
 """
