@@ -284,3 +284,16 @@ def test_the_loss_does_not_repeat_the_batch_check():
     m.check_batch = lambda b: calls.append(1)
     m(batch, pol, ref, 0.0)
     assert calls == []
+
+
+def test_an_older_versions_resolved_config_loads_with_the_reduction_it_trained_with():
+    """A run folder's config.yaml from before the experimental terms were removed lists them (off) and trained the
+    per-token KL: it loads as token_mean. One that turned a removed term on is a clear error."""
+    old = {"alpha": 2.0, "epsilon": 3.0, "zeta": 0.0, "direction_margin": 0.5, "steer_state": None,
+           "steer_fraction": 1.0, "nu": 0.0, "nll_split": "safe", "unsafe_skip_shared_prefix": False}
+    cfg = RepBendConfig.model_validate(old)
+    assert cfg.kl_reduction == "token_mean" and cfg.alpha == 2.0
+    assert RepBendConfig.model_validate({"alpha": 2.0}).kl_reduction == "batchmean"   # a new config: the paper's
+    for on in ({"zeta": 1.0}, {"steer_state": 15}, {"nu": 0.2}, {"unsafe_skip_shared_prefix": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(on))}: removed from RepBend"):
+            RepBendConfig.model_validate({**old, **on})

@@ -35,6 +35,8 @@ def test_method_params_are_validated_by_the_methods_config():
     assert TrainConfig.model_validate(dumped) == cfg
     with pytest.raises(ValueError, match="beta"):   # assignments are validated too
         cfg.method.params.beta = -1
+    with pytest.raises(ValueError, match="params are 'repbend' options but name is 'npo'"):
+        cfg.method.name = "npo"
 
 
 def test_paired_refusals_must_fit_the_batch():

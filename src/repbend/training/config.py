@@ -133,6 +133,12 @@ class MethodSection(Section):
             raise ValueError(f"params are {params.name!r} options but name is {name!r}")
         return {**data, "name": name, "params": params}
 
+    @model_validator(mode="after")
+    def _same_method(self) -> "MethodSection":
+        if self.params.name != self.name:
+            raise ValueError(f"params are {self.params.name!r} options but name is {self.name!r}; set both together")
+        return self
+
     @field_validator("params", mode="wrap")
     @classmethod
     def _plain_locations(cls, value: Any, handler) -> Any:
