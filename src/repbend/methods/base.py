@@ -21,7 +21,7 @@ Splits a method may ask for (the data loader produces exactly the requested ones
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from repbend.config import Section
 from repbend.registry import Registry
 
 SPLITS = ("safe", "unsafe", "retain", "pair")
+TokenMode = Literal["response_all", "request_last", "request_all", "request_response", "response_first_k"]
 
 
 @dataclass
@@ -160,3 +161,29 @@ def require_rows(batch: dict[str, SeqBatch], split: str, method: str, why: str) 
     if split not in batch or batch[split].size == 0:
         raise RepbendError(f"The batch has no {split!r} rows but {method} needs them for {why}; "
                            f"add {split} rows to the data or change the method config.")
+
+
+def token_mask(batch: SeqBatch, mode: str, k: int) -> Tensor:
+    """(B, T) bool mask of the tokens selected by ``mode`` (never padding)."""
+    attn = batch.attention_mask.bool()
+    if mode == "response_all":
+        m = batch.response_mask
+    elif mode == "request_all":
+        m = batch.request_mask
+    elif mode == "request_response":
+        m = batch.request_mask | batch.response_mask
+    elif mode == "response_first_k":
+        m = batch.first_response_tokens(k)
+    else:  # request_last
+        m = torch.zeros_like(attn)
+        m[torch.arange(batch.size, device=m.device), batch.last_request_index] = True
+    return m.bool() & attn
+
+
+def kl_ref_policy(policy_logits: Tensor, reference_logits: Tensor, temperature: float, rows: int | None = None) -> Tensor:
+    """T^2 * KL(softmax(ref/T) || softmax(policy/T)) over (N, V) logits: summed and divided by ``rows`` (the
+    published batchmean), or averaged over the N positions when ``rows`` is None."""
+    log_p = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
+    log_r = torch.log_softmax(reference_logits.float() / temperature, dim=-1)
+    kl = (log_r.exp() * (log_r - log_p)).sum(-1)
+    return (kl.mean() if rows is None else kl.sum() / rows) * temperature ** 2

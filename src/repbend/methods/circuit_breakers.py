@@ -30,8 +30,8 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import RepbendError
-from repbend.methods.base import Method, Need, SeqBatch, States, check_layers, masked_mean, require_rows
-from repbend.methods.repbend import TokenMode, token_mask
+from repbend.methods.base import (Method, Need, SeqBatch, States, TokenMode, check_layers, masked_mean, require_rows,
+                                  token_mask)
 
 
 class CircuitBreakersConfig(Section):

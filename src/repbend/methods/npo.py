@@ -25,8 +25,7 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import RepbendError
-from repbend.methods.base import Method, Need, SeqBatch, States, require_rows, response_nll
-from repbend.methods.repbend import kl_ref_policy
+from repbend.methods.base import Method, Need, SeqBatch, States, kl_ref_policy, require_rows, response_nll
 
 
 class NPOConfig(Section):

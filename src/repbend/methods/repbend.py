@@ -43,9 +43,7 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import DivergenceError, RepbendError
-from repbend.methods.base import Method, Need, SeqBatch, States
-
-TokenMode = Literal["response_all", "request_last", "request_all", "request_response", "response_first_k"]
+from repbend.methods.base import Method, Need, SeqBatch, States, TokenMode, kl_ref_policy, token_mask
 
 # The paper's window (hidden states 20..30 of a 32-block model), used relative to depth when not set.
 _PAPER_WINDOW = (20 / 32, 30 / 32)
@@ -132,23 +130,6 @@ def resolve_target_layers(cfg: RepBendConfig, num_layers: int) -> list[int]:
     return layers
 
 
-def token_mask(batch: SeqBatch, mode: str, k: int) -> Tensor:
-    """(B, T) bool mask of the tokens selected by ``mode`` (never padding)."""
-    attn = batch.attention_mask.bool()
-    if mode == "response_all":
-        m = batch.response_mask
-    elif mode == "request_all":
-        m = batch.request_mask
-    elif mode == "request_response":
-        m = batch.request_mask | batch.response_mask
-    elif mode == "response_first_k":
-        m = batch.first_response_tokens(k)
-    else:  # request_last
-        m = torch.zeros_like(attn)
-        m[torch.arange(batch.size, device=m.device), batch.last_request_index] = True
-    return m.bool() & attn
-
-
 def mean_l2(policy: States, reference: States, layers: list[int], mask: Tensor, cap: float | None = None) -> Tensor:
     """Mean over (layer, selected token) of ||policy - reference||_2, each distance capped at
     ``cap * ||reference||_2`` of that token when ``cap`` is set."""
@@ -168,15 +149,6 @@ def mean_offdiag_one_minus_cos(x: Tensor) -> Tensor:
     n = x.shape[0]
     cos = x @ x.T
     return (n * (n - 1) - (cos.sum() - cos.diagonal().sum())) / (n * (n - 1))
-
-
-def kl_ref_policy(policy_logits: Tensor, reference_logits: Tensor, temperature: float, rows: int | None = None) -> Tensor:
-    """T^2 * KL(softmax(ref/T) || softmax(policy/T)) over (N, V) logits: summed and divided by ``rows`` (the
-    published batchmean), or averaged over the N positions when ``rows`` is None."""
-    log_p = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
-    log_r = torch.log_softmax(reference_logits.float() / temperature, dim=-1)
-    kl = (log_r.exp() * (log_r - log_p)).sum(-1)
-    return (kl.mean() if rows is None else kl.sum() / rows) * temperature ** 2
 
 
 class RepBend(Method):
