@@ -21,10 +21,10 @@ output, ``L`` = last block after the final norm, see :mod:`repbend.methods.base`
   token ``s_i`` / ``s'_i``, ``k = min(pair_tokens, shortest response of those rows)`` over the whole batch,
   as the published code.
 
-Options the default-model config uses that the paper does not have (each off by default):
+Options outside the paper (each off by default; the default-model config uses the first two):
 ``unsafe_margin = m`` caps each unsafe token's distance at ``m * ||h^R_l||_2`` before averaging (a token bent
-that far stops pushing, so the unbounded term cannot run away); ``safe_token_mode`` gives L_safe other tokens
-than ``token_mode``; ``kl_reduction: token_mean``. Divergence guard: when the unsafe distance exceeds
+that far stops pushing, so the unbounded term cannot run away); ``kl_reduction: token_mean``;
+``safe_token_mode`` gives L_safe other tokens than ``token_mode``. Divergence guard: when the unsafe distance exceeds
 ``max_unsafe_ratio`` x the reference states' mean norm on the same tokens, the call raises
 :class:`DivergenceError` (the trainer stops and keeps the last good checkpoint).
 
