@@ -136,7 +136,8 @@ def reference_step_fn(model, tok, method, req_w, resp_w):
         T = c.kl_temperature
         lp = torch.log_softmax(pol["retain"].logits / T, -1)
         lr = torch.log_softmax(ref["retain"].logits / T, -1)
-        kl = (lr.exp() * (lr - lp)).sum(-1)[att_r].mean() * T * T
+        kl = (lr.exp() * (lr - lp)).sum(-1)[att_r]
+        kl = (kl.sum() / att_r.shape[0] if c.kl_reduction == "batchmean" else kl.mean()) * T * T
         return c.alpha * l_safe - c.beta * l_unsafe + c.gamma * torch.stack(cos).mean() + c.epsilon * kl
 
     return step

@@ -85,6 +85,15 @@ def test_response_decodes_to_response_plus_end_of_turn(tok, messages, response):
     assert full.startswith(tok.decode(enc.input_ids))
 
 
+@pytest.mark.parametrize("messages,response", CONVS)
+def test_response_without_end_of_turn_is_the_answer_text_only(tok, messages, response):
+    with_eot = encode(tok, messages, response)
+    enc = encode(tok, messages, response, end_of_turn=False)
+    resp = enc.input_ids[enc.request_len:]
+    assert enc.request_len == with_eot.request_len and resp == with_eot.input_ids[with_eot.request_len:-1]
+    assert tok.eos_token_id not in resp and tok.decode(resp).strip() == response
+
+
 def test_prompt_only_encoding(tok):
     messages, _ = CONVS[1]
     enc = encode(tok, messages)

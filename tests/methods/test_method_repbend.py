@@ -1,4 +1,6 @@
-"""RepBend loss: hand-derived numbers, a naive re-computation, padding, gradient direction, bad input."""
+"""RepBend loss: hand-derived numbers, a naive re-computation, padding, gradient direction, bad input.
+
+tests/methods/test_published_transcription.py holds it to an independent transcription of the published code."""
 from __future__ import annotations
 
 import math
@@ -96,15 +98,18 @@ def _naive(m: RepBend, batch, pol, ref):
                 lr = ref["retain"].head(ref["retain"].final[i, t]) / T
                 pr = torch.softmax(lr, -1)
                 kls.append((pr * (torch.log(pr) - torch.log_softmax(lp, -1))).sum())
-    total += c.epsilon * T * T * sum(kls) / len(kls)
+    total += c.epsilon * T * T * sum(kls) / (len(kls) if c.kl_reduction == "token_mean" else rb.size)
     if c.eta > 0:
+        # one window for the batch: from the last request token, as long as the shortest response (<= pair_tokens)
+        u, pr = batch["unsafe"], batch["pair"]
+        k = min([c.pair_tokens] + [int(u.response_mask[i].sum()) for i in range(u.size)]
+                + [int(pr.response_mask[i].sum()) for i in range(pr.size)])
         vals = []
         for l in m.target:
-            for i in range(batch["unsafe"].size):
-                ru = [t for t in range(batch["unsafe"].input_ids.shape[1]) if batch["unsafe"].response_mask[i, t]]
-                rp = [t for t in range(batch["pair"].input_ids.shape[1]) if batch["pair"].response_mask[i, t]]
-                for j in range(min(len(ru), len(rp), c.pair_tokens)):
-                    vals.append(torch.dist(pol["unsafe"].hidden[l][i, ru[j]], ref["pair"].hidden[l][i, rp[j]]))
+            for i in range(u.size):
+                su, sp = int(u.request_mask[i].sum()) - 1, int(pr.request_mask[i].sum()) - 1
+                for j in range(k):
+                    vals.append(torch.dist(pol["unsafe"].hidden[l][i, su + j], ref["pair"].hidden[l][i, sp + j]))
         total += c.eta * sum(vals) / len(vals)
     return total
 
@@ -112,10 +117,11 @@ def _naive(m: RepBend, batch, pol, ref):
 @pytest.mark.parametrize("mode", ["response_all", "request_last", "request_all", "request_response",
                                   "response_first_k"])
 @pytest.mark.parametrize("safe_layers", ["all", "target"])
-def test_matches_naive_computation(mode, safe_layers):
+@pytest.mark.parametrize("kl_reduction", ["batchmean", "token_mean"])
+def test_matches_naive_computation(mode, safe_layers, kl_reduction):
     cfg = RepBendConfig(alpha=0.5, beta=0.3, gamma=0.2, epsilon=0.7, eta=0.4, token_mode=mode, k=2,
                         safe_layers=safe_layers, target_start=2, target_window=2, pair_tokens=3,
-                        max_unsafe_ratio=None)
+                        max_unsafe_ratio=None, kl_reduction=kl_reduction)
     m, batch, pol, ref = _setup(cfg)
     loss, parts = m(batch, pol, ref, 0.5)
     assert set(parts) == {"loss/safe", "loss/unsafe", "loss/cos", "loss/kl", "loss/pair"}
@@ -217,38 +223,6 @@ def test_unsafe_margin_caps_each_token_distance():
     assert parts["loss/unsafe"] == pytest.approx(5.25)
 
 
-def test_shared_prefix_mask_marks_tokens_a_safe_row_shares():
-    from repbend.methods.repbend import shared_prefix_mask
-
-    # template prefix [1, 2] is shared with every safe row; the second unsafe row also shares [1, 2, 7]
-    unsafe = collate([Encoded([1, 2, 5, 6], 3, 1), Encoded([1, 2, 7, 8, 9], 4, 1)], pad_id=0)
-    safe = collate([Encoded([1, 2, 7, 3], 3, 1), Encoded([9, 2, 5], 2, 1)], pad_id=0)
-    got = shared_prefix_mask(unsafe, [safe])
-    assert got.tolist() == [[True, True, False, False, False], [True, True, True, False, False]]
-    # padding never matches: a safe row that is a padded prefix of nothing shares nothing beyond its tokens
-    short = collate([Encoded([1], 1, 0)], pad_id=0)
-    assert shared_prefix_mask(unsafe, [short]).sum(dim=1).tolist() == [1, 1]
-
-
-def test_skip_shared_prefix_leaves_shared_tokens_out_of_l_unsafe():
-    # one layer; unsafe row [1, 2, 5] shares [1, 2] with the safe row: only token 3's distance counts
-    cfg = RepBendConfig(alpha=0, beta=1, gamma=0, epsilon=0, target_layers=[1], token_mode="request_all",
-                        unsafe_skip_shared_prefix=True, max_unsafe_ratio=None)
-    m = RepBend(cfg, num_layers=1, hidden_size=2)
-    unsafe = collate([Encoded([1, 2, 5], 3, 0)], pad_id=0)
-    safe = collate([Encoded([1, 2, 4], 2, 1)], pad_id=0)
-    ref = torch.zeros(1, 3, 2)
-    pol = torch.tensor([[[3.0, 4.0], [6.0, 8.0], [0.0, 1.0]]], requires_grad=True)
-    _, parts = m({"unsafe": unsafe, "safe": safe}, {"unsafe": States(hidden={1: pol})},
-                 {"unsafe": States(hidden={1: ref})}, 0.0)
-    assert parts["loss/unsafe"] == pytest.approx(1.0) and parts["unsafe_tokens"] == 1
-    # every token shared (a refusal row with the same request): fall back to all tokens, never an empty mean
-    same = collate([Encoded([1, 2, 5], 3, 0)], pad_id=0)
-    _, parts = m({"unsafe": unsafe, "safe": same}, {"unsafe": States(hidden={1: pol})},
-                 {"unsafe": States(hidden={1: ref})}, 0.0)
-    assert parts["loss/unsafe"] == pytest.approx((5 + 10 + 1) / 3)
-
-
 def test_safe_token_mode_overrides_the_tokens_of_l_safe_only():
     # one layer; safe row: 2 request tokens moved by 5, 1 response token moved by 1
     cfg = RepBendConfig(alpha=1, beta=0, gamma=0, epsilon=0, target_layers=[1], token_mode="request_response",
@@ -268,168 +242,58 @@ def test_safe_token_mode_overrides_the_tokens_of_l_safe_only():
         resp.check_batch({"safe": no_resp})
 
 
-def _fake_reference_states(rows_by_key):
-    """reference_states(split, kinds, need) over hand-made rows: {(split, kind): [state vector at the last
-    request token, ...]}; each row is one request token, so its last request state is that vector."""
+def test_kl_reduction_batchmean_is_the_token_mean_times_tokens_per_row():
+    """batchmean = sum over real retain tokens / rows; token_mean = that sum / tokens. The retain rows of _setup
+    have 3 + 3 and 6 + 1 real tokens: 13 tokens over 2 rows, so batchmean = 6.5 x token_mean."""
+    parts = {}
+    for red in ("batchmean", "token_mean"):
+        m, batch, pol, ref = _setup(RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=1, target_layers=[1],
+                                                  kl_reduction=red))
+        assert int(batch["retain"].attention_mask.sum()) == 13 and batch["retain"].size == 2
+        parts[red] = m(batch, pol, ref, 0.0)[1]["loss/kl"]
+    assert parts["batchmean"] == pytest.approx(6.5 * parts["token_mean"], rel=1e-6)
+    assert RepBendConfig().kl_reduction == "batchmean"
+    with pytest.raises(ValueError, match="kl_reduction"):
+        RepBendConfig(kl_reduction="mean")
+
+
+def test_pair_window_starts_at_the_last_request_token_and_is_as_long_as_the_shortest_response():
+    """Hand case: one layer, H = 2; unsafe row = 2 request + 3 response tokens, its pair = 2 request + 1 response
+    token; pair_tokens 20 -> k = min(20, 3, 1) = 1: only position 1 (the last request token) of each row counts.
+    Policy (3, 4) there, reference (0, 0) -> L_pair = 5, whatever the other positions hold."""
+    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, eta=1, target_layers=[1])
+    m = RepBend(cfg, num_layers=1, hidden_size=2)
+    unsafe = collate([Encoded([1, 2, 3, 4, 5], 2, 3)], pad_id=0)
+    pair = collate([Encoded([1, 2, 6], 2, 1)], pad_id=0)
+    pol = torch.full((1, 5, 2), 100.0)
+    pol[0, 1] = torch.tensor([3.0, 4.0])
+    ref = torch.full((1, 3, 2), -7.0)
+    ref[0, 1] = 0.0
+    loss, parts = m({"unsafe": unsafe, "pair": pair}, {"unsafe": States(hidden={1: pol})},
+                    {"pair": States(hidden={1: ref})}, 0.0)
+    assert parts["loss/pair"] == pytest.approx(5.0) and float(loss) == pytest.approx(5.0)
+    with pytest.raises(RepbendError, match="no response tokens"):
+        m({"unsafe": unsafe, "pair": collate([Encoded([1, 2], 2, 0)], pad_id=0)}, {"unsafe": States(hidden={1: pol})},
+          {"pair": States(hidden={1: ref[:, :2]})}, 0.0)
+
+
+def test_the_loss_does_not_repeat_the_batch_check():
+    """check_batch runs once per step in the trainer; calling the loss does not run it again."""
+    m, batch, pol, ref = _setup(RepBendConfig(target_layers=[1]))
     calls = []
-
-    def states(split, kinds, need, request_only=False):
-        assert request_only   # the last request state needs no response tokens
-        calls.append((split, None if kinds is None else tuple(kinds)))
-        vecs = [v for (s, k), vs in rows_by_key.items() if s == split and (kinds is None or k in kinds) for v in vs]
-        for i in range(0, len(vecs), 2):
-            chunk = vecs[i:i + 2]
-            batch = collate([Encoded([5], 1, 0) for _ in chunk], pad_id=0)
-            yield batch, States(hidden={l: torch.tensor(chunk, dtype=torch.float32)[:, None, :] for l in need.layers})
-
-    return states, calls
+    m.check_batch = lambda b: calls.append(1)
+    m(batch, pol, ref, 0.0)
+    assert calls == []
 
 
-def test_direction_is_the_normalised_difference_of_harmful_and_safe_means_without_refusal_rows():
-    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, zeta=1, target_layers=[1], direction_margin=None)
-    m = RepBend(cfg, num_layers=1, hidden_size=2)
-    states, calls = _fake_reference_states({
-        ("unsafe", "harmful"): [[4.0, 1.0], [2.0, 3.0]],                       # mean (3, 2)
-        ("safe", "benign"): [[0.0, 2.0]], ("safe", "overrefusal"): [[0.0, 0.0]],  # mean (0, 1)
-        ("safe", "refusal"): [[100.0, -100.0]]})                                 # harmful request: left out
-    m.prepare(states)
-    assert calls == [("safe", ("benign", "overrefusal")), ("unsafe", None)]
-    # (3, 2) - (0, 1) = (3, 1) -> (3, 1) / sqrt(10)
-    assert torch.allclose(m.directions[1], torch.tensor([3.0, 1.0]) / math.sqrt(10))
-    # L_dir on one unsafe row moved by (1, 1) from its reference: (1, 1) . d = 4 / sqrt(10); the loss is -zeta * that
-    one = collate([Encoded([5], 1, 0)], pad_id=0)
-    pol = {"unsafe": States(hidden={1: torch.tensor([[[2.0, 1.0]]])})}
-    ref = {"unsafe": States(hidden={1: torch.tensor([[[1.0, 0.0]]])})}
-    loss, parts = m({"unsafe": one}, pol, ref, 0.0)
-    assert parts["loss/dir"] == pytest.approx(4 / math.sqrt(10))
-    assert float(loss) == pytest.approx(-4 / math.sqrt(10))
-
-
-def test_direction_rows_and_margin_cap():
-    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, zeta=2, target_layers=[1], direction_rows=2,
-                        direction_margin=0.5)
-    m = RepBend(cfg, num_layers=1, hidden_size=2)
-    # only the first 2 rows per side count: unsafe mean (1, 0), safe mean (-1, 0) -> d = (1, 0)
-    states, _ = _fake_reference_states({("unsafe", "harmful"): [[1.0, 1.0], [1.0, -1.0], [50.0, 50.0]],
-                                        ("safe", "benign"): [[-1.0, 0.0], [-1.0, 0.0], [0.0, 99.0]]})
-    m.prepare(states)
-    assert torch.allclose(m.directions[1], torch.tensor([1.0, 0.0]))
-    two = collate([Encoded([5], 1, 0), Encoded([6], 1, 0)], pad_id=0)
-    # row 0: pushed by 10 along d, capped at 0.5 * ||ref|| = 0.5 * 2 = 1; row 1: moved AGAINST d by 3 -> -3 (no floor)
-    ref = {"unsafe": States(hidden={1: torch.tensor([[[2.0, 0.0]], [[0.0, 4.0]]])})}
-    pol = {"unsafe": States(hidden={1: torch.tensor([[[12.0, 0.0]], [[-3.0, 4.0]]])})}
-    loss, parts = m({"unsafe": two}, pol, ref, 0.0)
-    assert parts["loss/dir"] == pytest.approx((1.0 - 3.0) / 2)
-    assert float(loss) == pytest.approx(-2 * (1.0 - 3.0) / 2)
-
-
-def test_direction_gradient_moves_unsafe_states_along_it():
-    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, zeta=1, target_layers=[1], direction_margin=None)
-    m = RepBend(cfg, num_layers=1, hidden_size=2)
-    states, _ = _fake_reference_states({("unsafe", "harmful"): [[0.0, 1.0]], ("safe", "benign"): [[0.0, -1.0]]})
-    m.prepare(states)
-    one = collate([Encoded([5], 1, 0)], pad_id=0)
-    h = torch.tensor([[[1.0, 1.0]]], requires_grad=True)
-    loss, _ = m({"unsafe": one}, {"unsafe": States(hidden={1: h})}, {"unsafe": States(hidden={1: h.detach().clone()})}, 0)
-    loss.backward()
-    assert torch.allclose(h.grad[0, 0], torch.tensor([0.0, -1.0]))   # descent moves h by +d = (0, 1)
-
-
-def test_direction_bad_input_is_a_clear_error():
-    cfg = RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, zeta=1, target_layers=[1], direction_safe_kinds=["nope"])
-    m = RepBend(cfg, num_layers=1, hidden_size=2)
-    assert set(m.needs()) == {"unsafe"} and m.needs()["unsafe"].reference
-    one = collate([Encoded([5], 1, 0)], pad_id=0)
-    st = {"unsafe": States(hidden={1: torch.zeros(1, 1, 2)})}
-    with pytest.raises(RepbendError, match="call prepare"):
-        m({"unsafe": one}, st, st, 0.0)
-    states, _ = _fake_reference_states({("unsafe", "harmful"): [[0.0, 1.0]], ("safe", "benign"): [[0.0, -1.0]]})
-    with pytest.raises(RepbendError, match="direction_safe_kinds"):
-        m.prepare(states)
-    same, _ = _fake_reference_states({("unsafe", "harmful"): [[1.0, 1.0]], ("safe", "benign"): [[1.0, 1.0]]})
-    with pytest.raises(RepbendError, match="identical"):
-        RepBend(cfg.model_copy(update={"direction_safe_kinds": ["benign"]}), 1, 2).prepare(same)
-    # zeta 0: prepare does not even ask for states
-    RepBend(RepBendConfig(target_layers=[1]), 1, 2).prepare(lambda *a: (_ for _ in ()).throw(AssertionError("called")))
-
-
-def test_steer_state_shift_is_minus_c_times_the_mean_difference_and_enters_the_unsafe_need():
-    cfg = RepBendConfig(alpha=0, beta=1, gamma=0, epsilon=0, target_layers=[2], steer_state=1, steer_coefficient=2.0,
-                        token_mode="request_last")
-    m = RepBend(cfg, num_layers=3, hidden_size=2)
-    assert m.needs()["unsafe"].shift is None                      # before prepare: nothing to add yet
-    states, calls = _fake_reference_states({("unsafe", "harmful"): [[4.0, 1.0], [2.0, 3.0]],   # mean (3, 2)
-                                            ("safe", "benign"): [[0.0, 2.0]], ("safe", "overrefusal"): [[0.0, 0.0]],
-                                            ("safe", "refusal"): [[100.0, -100.0]]})
-    m.prepare(states)
-    torch.testing.assert_close(m.steer_shift, -2.0 * torch.tensor([3.0, 1.0]))
-    need = m.needs()["unsafe"]
-    assert set(need.shift) == {1} and need.reference and m.directions is None   # zeta 0: no L_dir directions
-    assert need.shift_fraction == 1.0
-    assert RepBend(cfg.model_copy(update={"steer_fraction": 0.25}), 3, 2).needs()["unsafe"].shift_fraction == 0.25
-    with pytest.raises(ValueError, match="steer_fraction"):
-        RepBendConfig(target_layers=[2], steer_state=1, steer_fraction=0)
-    with pytest.raises(RepbendError, match="out of range"):
-        RepBend(RepBendConfig(target_layers=[2], steer_state=3), 3, 2).prepare(states)
-    one = collate([Encoded([5], 1, 0)], pad_id=0)
-    st = {"unsafe": States(hidden={2: torch.zeros(1, 1, 2)})}
-    with pytest.raises(RepbendError, match="call prepare"):
-        RepBend(cfg, 3, 2)({"unsafe": one}, st, st, 0.0)
-
-
-def _naive_safe_nll(batch, states):
-    """mean over every response token t >= 1 of the safe rows of -log softmax(head(final[t-1]))[token t]."""
-    vals = []
-    for i in range(batch.size):
-        for t in range(1, batch.input_ids.shape[1]):
-            if batch.response_mask[i, t]:
-                logp = torch.log_softmax(states.head(states.final[i, t - 1]).float(), -1)
-                vals.append(-logp[batch.input_ids[i, t]])
-    return sum(vals) / len(vals)
-
-
-def test_nll_term_is_the_mean_response_token_nll_of_the_safe_rows():
-    # nu alone: the safe rows need logits only (no reference pass, no hidden states)
-    only = RepBend(RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, nu=1.0, target_layers=[1]), L, H)
-    assert set(only.needs()) == {"safe"}
-    need = only.needs()["safe"]
-    assert need.logits and not need.reference and need.layers == ()
-    m, batch, pol, ref = _setup(RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, nu=1.0, target_layers=[1]))
-    loss, parts = m(batch, pol, ref, 0.0)
-    want = float(_naive_safe_nll(batch["safe"], pol["safe"]))
-    assert set(parts) == {"loss/nll"} and parts["loss/nll"] == pytest.approx(want, rel=1e-6)
-    assert float(loss) == pytest.approx(want, rel=1e-6)
-    # with the other terms: nu adds exactly nu * L_NLL to the loss and changes nothing else
-    base = dict(alpha=0.5, beta=0.3, gamma=0.2, epsilon=0.7, target_start=2, target_window=2, max_unsafe_ratio=None)
-    m2, batch2, pol2, ref2 = _setup(RepBendConfig(**base, nu=0.25))
-    assert m2.needs()["safe"].logits and m2.needs()["safe"].reference
-    with_nll, parts2 = m2(batch2, pol2, ref2, 0.0)
-    no_nll = RepBend(RepBendConfig(**base), L, H)
-    without, parts0 = no_nll(batch2, pol2, ref2, 0.0)
-    assert parts2["loss/nll"] == pytest.approx(float(_naive_safe_nll(batch2["safe"], pol2["safe"])), rel=1e-6)
-    assert float(with_nll) == pytest.approx(float(without) + 0.25 * parts2["loss/nll"], rel=1e-6)
-    assert {k: v for k, v in parts2.items() if k != "loss/nll"} == parts0
-
-
-def test_nll_term_bad_input_is_a_clear_error():
-    with pytest.raises(ValueError, match="nu"):
-        RepBendConfig(nu=-1)
-    m, batch, pol, ref = _setup(RepBendConfig(alpha=0, nu=1.0, target_layers=[1]))
-    with pytest.raises(RepbendError, match="nu"):
-        m.check_batch(dict(batch, safe=_batch([(3, 0), (4, 0)])))
-    with pytest.raises(RepbendError, match="no 'safe' rows"):
-        m.check_batch({k: v for k, v in batch.items() if k != "safe"})
-
-
-def test_nll_term_on_the_pair_split_uses_each_unsafe_requests_refusal():
-    m, batch, pol, ref = _setup(RepBendConfig(alpha=0, beta=0, gamma=0, epsilon=0, nu=1.0, nll_split="pair",
-                                              target_layers=[1]))
-    needs = m.needs()
-    assert set(needs) == {"pair"} and needs["pair"].policy and needs["pair"].logits and not needs["pair"].reference
-    _, parts = m(batch, pol, ref, 0.0)
-    assert parts["loss/nll"] == pytest.approx(float(_naive_safe_nll(batch["pair"], pol["pair"])), rel=1e-6)
-    # with L_pair on as well, the pair rows need both passes (reference states for L_pair, policy logits for L_NLL)
-    both = RepBend(RepBendConfig(eta=1.0, nu=1.0, nll_split="pair", target_layers=[1]), L, H).needs()["pair"]
-    assert both.policy and both.reference and both.logits and both.layers == (1,)
-    with pytest.raises(RepbendError, match="one refusal row per unsafe row"):
-        m.check_batch(dict(batch, pair=_batch([(3, 2)])))
+def test_an_older_versions_resolved_config_loads_with_the_reduction_it_trained_with():
+    """A run folder's config.yaml from before the experimental terms were removed lists them (off) and trained the
+    per-token KL: it loads as token_mean. One that turned a removed term on is a clear error."""
+    old = {"alpha": 2.0, "epsilon": 3.0, "zeta": 0.0, "direction_margin": 0.5, "steer_state": None,
+           "steer_fraction": 1.0, "nu": 0.0, "nll_split": "safe", "unsafe_skip_shared_prefix": False}
+    cfg = RepBendConfig.model_validate(old)
+    assert cfg.kl_reduction == "token_mean" and cfg.alpha == 2.0
+    assert RepBendConfig.model_validate({"alpha": 2.0}).kl_reduction == "batchmean"   # a new config: the paper's
+    for on in ({"zeta": 1.0}, {"steer_state": 15}, {"nu": 0.2}, {"unsafe_skip_shared_prefix": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(on))}: removed from RepBend"):
+            RepBendConfig.model_validate({**old, **on})

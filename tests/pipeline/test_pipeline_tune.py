@@ -140,7 +140,7 @@ def test_fallback_picks_the_smallest_shortfall_among_trials_that_still_answer():
 
 def _shipped_trials(sweep_name, tmp_path):
     sweep = tune.load_sweep(sweep_name)
-    return {t["name"]: tune.train_config(sweep, t, tmp_path).method.params for t in tune.expand(sweep)}
+    return {t["name"]: tune.train_config(sweep, t, tmp_path).method.params.model_dump() for t in tune.expand(sweep)}
 
 
 def test_shipped_sweeps_pin_their_base_so_a_new_default_does_not_change_them(tmp_path):
@@ -154,8 +154,9 @@ def test_shipped_sweeps_pin_their_base_so_a_new_default_does_not_change_them(tmp
     assert (r3["alpha"], r3["token_mode"], r3["epsilon"], r3["safe_token_mode"]) == (2.0, "request_response", 1.0, None)
     # tune-default-v2's LoRA finalists run at epsilon 1; r8_reqresp_eps3 at epsilon 3
     v2 = _shipped_trials("tune-default-v2", tmp_path)
-    assert {v2[f"{n}@s0"]["epsilon"] for n in ("r3_reqresp", "r6_safe_resp_skip", "r8_reqresp_a3")} == {1.0}
-    assert v2["r6_safe_resp_skip@s1"]["safe_token_mode"] == "response_all"
+    assert {v2[f"{n}@s0"]["epsilon"] for n in ("r3_reqresp", "r8_reqresp_a3")} == {1.0}
+    # every trial keeps the per-token KL its runs trained with
+    assert {t["kl_reduction"] for t in (*v1.values(), *v2.values())} == {"token_mean"}
 
 
 def test_default_train_config_is_the_tuning_choice(tmp_path):

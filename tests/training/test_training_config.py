@@ -6,19 +6,46 @@ import yaml
 from typer.testing import CliRunner
 
 from repbend.cli import app
+from repbend.config import validate_data
 from repbend.training.config import TrainConfig
 from repbend.validate import validate_config
 from train_fixtures import built_dir, tiny_train_config  # noqa: F401 (fixture)
 
 
 def test_method_params_are_validated_by_the_methods_config():
+    from repbend.methods.npo import NPOConfig
+    from repbend.methods.repbend import RepBendConfig
+
     base = {"data": {"dir": "d"}, "output_dir": "o"}
     cfg = TrainConfig.model_validate({**base, "method": {"name": "repbend", "params": {"beta": 0.2}}})
-    assert cfg.method.params["beta"] == 0.2 and cfg.method.params["alpha"] == 0.5  # resolved defaults
-    with pytest.raises(ValueError, match=r"params.alpha.*params.bogus"):
-        TrainConfig.model_validate({**base, "method": {"params": {"alpha": -1, "bogus": 1}}})
+    assert isinstance(cfg.method.params, RepBendConfig)  # typed once, at load
+    assert cfg.method.params.beta == 0.2 and cfg.method.params.alpha == 0.5  # resolved defaults
+    assert isinstance(TrainConfig.model_validate({**base, "method": {"name": "npo"}}).method.params, NPOConfig)
+    _, errors = validate_data(TrainConfig, {**base, "method": {"params": {"alpha": -1, "bogus": 1}}})
+    assert len(errors) == 1 and errors[0].startswith("method.params: alpha: ") and "; bogus: unknown key" in errors[0]
+    _, errors = validate_data(TrainConfig, {**base, "method": {"name": "repbend", "params": {"delta": 1}}})
+    assert errors == ["method.params: delta: unknown key (remove it or check its spelling)"]  # another method's field
     with pytest.raises(Exception, match="Did you mean 'repbend'"):
         TrainConfig.model_validate({**base, "method": {"name": "repbnd"}})
+    with pytest.raises(ValueError, match="params.name 'npo' differs"):
+        TrainConfig.model_validate({**base, "method": {"name": "repbend", "params": {"name": "npo"}}})
+    # the dump keeps the shape users write (no tag inside params) and loads back to the same config
+    dumped = cfg.model_dump(mode="json")
+    assert "name" not in dumped["method"]["params"] and dumped["method"]["name"] == "repbend"
+    assert TrainConfig.model_validate(dumped) == cfg
+    with pytest.raises(ValueError, match="beta"):   # assignments are validated too
+        cfg.method.params.beta = -1
+    with pytest.raises(ValueError, match="params are 'repbend' options but name is 'npo'"):
+        cfg.method.name = "npo"
+
+
+def test_paired_refusals_must_fit_the_batch():
+    base = {"data": {"dir": "d", "batch_size": {"safe": 8, "unsafe": 2, "retain": 4}, "paired_refusals": 4},
+            "output_dir": "o"}
+    with pytest.raises(ValueError, match="paired_refusals: 4 refusals per step do not fit batch_size.unsafe 2"):
+        TrainConfig.model_validate(base)
+    ok = TrainConfig.model_validate({**base, "data": {**base["data"], "batch_size": {"safe": 8, "unsafe": 8}}})
+    assert ok.data.paired_refusals == 4 and ok.data.response_end_of_turn
 
 
 def test_validate_reports_every_error_without_loading(tiny_model_dir, built_dir, tmp_path, monkeypatch):

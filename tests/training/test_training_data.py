@@ -95,3 +95,43 @@ def test_repeat_kinds_oversamples_rows_of_a_kind_and_keeps_pairs_aligned():
     assert n(only_retain, "retain") == 4 * n(rows, "retain") and n(only_retain, "safe") == 2 * n(rows, "safe")
     with pytest.raises(RepbendError, match=r"\['unsafe/benign'\]"):
         repeat_kinds(rows, {"unsafe/benign": 2})
+
+
+def test_paired_refusals_join_the_safe_rows_of_the_same_step():
+    """paired_refusals k: the refusals of the step's first k unsafe rows (same pair_id) follow batch_size.safe - k
+    drawn safe rows; unsafe rows without a refusal leave the pool."""
+    rows = make_rows() + [{"id": "lone", "split": "unsafe", "kind": "harmful", "messages": [{"role": "user",
+                           "content": "x"}], "response": "y", "source": "t", "pair_id": "nobody"}]
+    by = split_rows(rows, ["safe", "unsafe", "retain"], paired=True)
+    assert [r["pair_id"] for r in by["paired"]] == [r["pair_id"] for r in by["unsafe"]]
+    assert all(r["kind"] == "refusal" for r in by["paired"]) and "nobody" not in {r["pair_id"] for r in by["unsafe"]}
+    # rows stand in for encodings so the test can read pair_ids back
+    pools = {s: [Encoded([i + 1], 1, 0) for i in range(len(r))] for s, r in by.items()}
+    ident = {s: {id(e): r for e, r in zip(pools[s], by[s])} for s in pools}
+    sampler = StepSampler(pools, {"safe": 3, "unsafe": 3, "retain": 2}, seed=0, paired_refusals=2)
+    for _ in range(5):
+        step = sampler.next()
+        assert [len(step[s]) for s in ("safe", "unsafe", "retain")] == [3, 3, 2]
+        unsafe_ids = [ident["unsafe"][id(e)]["pair_id"] for e in step["unsafe"]]
+        refusals = [ident["paired"][id(e)] for e in step["safe"][1:]]
+        assert [r["pair_id"] for r in refusals] == unsafe_ids[:2] and all(r["kind"] == "refusal" for r in refusals)
+    # every safe row a paired refusal: nothing is drawn from the safe pool
+    only = StepSampler(pools, {"safe": 2, "unsafe": 2, "retain": 1}, seed=0, paired_refusals=2).next()
+    assert all(id(e) in ident["paired"] for e in only["safe"])
+
+
+def test_draws_without_the_new_options_follow_the_documented_order():
+    """paired_refusals 0 (the default config): each split's rows come in the documented order, an epoch-wise
+    permutation seeded by (seed, split salt, epoch), batch_size rows a step, untouched by the pairing option."""
+    import numpy as np
+
+    by = split_rows(make_rows(), ["safe", "unsafe", "retain"])
+    assert split_rows(make_rows(), ["safe", "unsafe", "retain"], paired=False) == by and "paired" not in by
+    pools = {s: _pool(len(r)) for s, r in by.items()}
+    sampler = StepSampler(pools, {"safe": 2, "unsafe": 2, "retain": 2}, seed=5, paired_refusals=0)
+    steps = [sampler.next() for _ in range(12)]
+    for salt, split in enumerate(("safe", "unsafe", "retain"), start=1):
+        n = len(pools[split])
+        order = np.concatenate([np.random.default_rng([5, salt, e]).permutation(n) for e in range(6)])
+        want = [pools[split][i] for i in order[:24]]
+        assert [id(e) for st in steps for e in st[split]] == [id(e) for e in want]

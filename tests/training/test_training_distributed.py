@@ -20,7 +20,9 @@ def test_two_processes_agree(tiny_model_dir, built_dir, tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     worker = Path(__file__).with_name("ddp_train_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
+    # the workers import the repbend this test runs on (an outer PYTHONPATH, e.g. a source checkout, is kept)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(worker.parent), os.environ.get("PYTHONPATH", "")) if p)}
     out = subprocess.run([shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", "29533", str(worker),
                           str(path), str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

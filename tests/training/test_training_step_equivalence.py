@@ -14,12 +14,13 @@ from repbend.training.model_setup import linear_block_modules
 
 
 
-@pytest.mark.parametrize("safe_layers", ["all"])
-def test_engine_matches_six_pass_reference(tiny_model, tiny_tokenizer, safe_layers, load_script):
+@pytest.mark.parametrize("kl_reduction", ["batchmean", "token_mean"])
+def test_engine_matches_six_pass_reference(tiny_model, tiny_tokenizer, kl_reduction, load_script):
     from peft import LoraConfig, get_peft_model
 
     bench = load_script("benchmarks/bench_train_step.py")
-    method = RepBend(RepBendConfig(target_layers=[2, 3], safe_layers=safe_layers, max_unsafe_ratio=None), 4, 32)
+    method = RepBend(RepBendConfig(target_layers=[2, 3], safe_layers="all", max_unsafe_ratio=None,
+                                   kl_reduction=kl_reduction), 4, 32)
     model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                   target_modules=linear_block_modules(tiny_model)))
     g = torch.Generator().manual_seed(3)

@@ -137,7 +137,7 @@ def test_resume_refuses_a_changed_config(tiny_model_dir, built_dir, tmp_path, mo
 def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_model_dir, built_dir, tmp_path):
     cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=6, save_every=1,
                             layer_stats_every=0, lr=0.5)
-    cfg.method.params = {**cfg.method.params, "max_unsafe_ratio": 1e-3, "beta": 5.0}
+    cfg.method.params.max_unsafe_ratio, cfg.method.params.beta = 1e-3, 5.0
     with pytest.raises(DivergenceError, match=r"max_unsafe_ratio.*last good checkpoint is .*step-00000\d"):
         train(cfg)
     ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
@@ -151,7 +151,7 @@ def _no_load(*a, **k):
 def test_bad_input_fails_before_loading_the_model(tiny_model_dir, built_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("repbend.models.load_model", _no_load)
     cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "a")
-    cfg.method.params = {**cfg.method.params, "target_layers": [2, 7]}
+    cfg.method.params.target_layers = [2, 7]
     with pytest.raises(ConfigError, match=r"method.target_layers.*out of range 0..4"):
         train(cfg)
     no_unsafe = write_built(tmp_path / "safe-only", make_rows(unsafe=False))
@@ -204,208 +204,40 @@ def test_every_registered_method_trains_without_trainer_changes(name, tiny_model
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r["loss/total"]))) for r in rows)
 
 
-def test_default_model_token_options_train_end_to_end(tiny_model_dir, built_dir, tmp_path):
-    """The default-model config's token choices (request+response bent, safe responses pinned, shared
-    template prefix skipped) go through the real trainer and log how many unsafe tokens were bent."""
+def test_default_model_options_train_end_to_end(tiny_model_dir, built_dir, tmp_path):
+    """The default-model config's RepBend options (request+response bent, per-token unsafe cap, per-token KL mean)
+    go through the real trainer; the per-token KL is the batchmean KL divided by the retain tokens per row."""
     cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2)
-    cfg.method.params.update(token_mode="request_response", safe_token_mode="response_all",
-                             unsafe_skip_shared_prefix=True)
-    run = train(cfg)
-    rows = _metrics(run)
-    assert len(rows) == 2 and all(float(r["unsafe_tokens"]) > 0 for r in rows)
-    assert all(torch.isfinite(torch.tensor(float(r["loss/total"]))) for r in rows)
-    # off by default: without the option the count is not logged
-    full = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "full", max_steps=1)
-    full.method.params.update(token_mode="request_response", safe_token_mode="response_all")
-    assert "unsafe_tokens" not in _metrics(train(full))[0]
+    for k, v in dict(token_mode="request_response", safe_token_mode="response_all", unsafe_margin=0.2,
+                     kl_reduction="token_mean").items():
+        setattr(cfg.method.params, k, v)
+    rows = _metrics(train(cfg))
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r["loss/total"]))) for r in rows)
+    # step 1 (LoRA B = 0: policy = reference) has KL 0 either way; step 2's differs by the tokens per retain row
+    batch = cfg.model_copy(deep=True)
+    batch.method.params.kl_reduction, batch.output_dir = "batchmean", str(tmp_path / "batchmean")
+    rows_b = _metrics(train(batch))
+    assert float(rows_b[1]["loss/kl"]) > 5 * float(rows[1]["loss/kl"]) > 0
 
 
-def _last_request_states(model_dir, rows, layers):
-    """Hidden states at each row's last request token, computed directly from a saved model folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from repbend.data.chat import encode
-
-    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    out = {l: [] for l in layers}
-    with torch.no_grad():
-        for r in rows:
-            e = encode(tok, r["messages"], r.get("response"), max_request_tokens=32, max_response_tokens=24)
-            hs = model(torch.tensor([e.input_ids]), output_hidden_states=True).hidden_states
-            for l in layers:
-                out[l].append(hs[l][0, e.request_len - 1])
-    return {l: torch.stack(v) for l, v in out.items()}
-
-
-def test_direction_term_uses_the_original_models_states_and_bends_along_them(tiny_model_dir, built_dir, tmp_path,
-                                                                             monkeypatch):
-    """zeta > 0 through the real trainer: prepare() gets the frozen model's states (its direction equals one
-    computed by hand from the base model: harmful minus benign, refusal rows left out), L_dir is logged, and the
-    trained model's last-request states of the harmful rows lie further along that direction."""
-    from repbend.methods.repbend import RepBend
-
-    seen = {}
-    real = RepBend.prepare
-
-    def spy(self, reference_states):
-        real(self, reference_states)
-        seen["directions"] = self.directions
-
-    monkeypatch.setattr(RepBend, "prepare", spy)
-    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=6, lr=1e-3).model_dump()
-    del data["lora"]
-    data["method"]["params"].update(alpha=1.0, beta=0.0, gamma=0.0, zeta=1.0, direction_margin=None)
-    run = train(TrainConfig.model_validate({**data, "full_finetune": True}))
-    rows = make_rows()
-    harmful = [r for r in rows if r["kind"] == "harmful"]
-    benign = [r for r in rows if r["split"] == "safe" and r["kind"] == "benign"]
-    base_h, base_b = (_last_request_states(tiny_model_dir, rs, [2, 3]) for rs in (harmful, benign))
-    for l in (2, 3):
-        d = base_h[l].mean(0) - base_b[l].mean(0)
-        assert torch.allclose(seen["directions"][l], d / d.norm(), atol=1e-5)
-    metrics = _metrics(run)
-    assert len(metrics) == 6 and all("loss/dir" in r for r in metrics)
-    trained_h = _last_request_states(run, harmful, [2, 3])
-    for l in (2, 3):
-        d = seen["directions"][l]
-        moved = float(((trained_h[l] - base_h[l]) @ d).mean())
-        assert moved > 0.1 * float(base_h[l].norm(dim=-1).mean())
-
-
-def test_row_shifts_move_only_the_selected_rows_from_that_block_on(tiny_model):
-    from repbend.training.forward import row_shifts
-
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
-    shift = torch.randn(tiny_model.config.hidden_size)
-    with torch.no_grad():
-        plain = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
-        with row_shifts(tiny_model, [(slice(1, 2), {2: shift})]):
-            moved = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
-        again = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
-    for l in (0, 1, 2):
-        torch.testing.assert_close(moved[l], plain[l])            # up to the hooked block's own recorded state
-    assert not torch.allclose(moved[3][1], plain[3][1])           # the shifted row, from the next block on
-    torch.testing.assert_close(moved[3][[0, 2]], plain[3][[0, 2]])  # the other rows untouched
-    torch.testing.assert_close(again[4], plain[4])                # hooks removed
-    with pytest.raises(RepbendError, match="out of range"):
-        with row_shifts(tiny_model, [(slice(0, 1), {4: shift})]):
-            pass
-
-
-def test_shifted_rows_pick_a_share_of_rows_by_their_tokens_alone():
-    from repbend.training.forward import shifted_rows
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 500, (400, 6), generator=g)
-    mask = torch.ones_like(ids)
-    assert shifted_rows(ids, mask, slice(0, 400), 1.0) == slice(0, 400)
-    half = shifted_rows(ids, mask, slice(0, 400), 0.5)
-    assert 160 <= len(half) <= 240 and all(0 <= i < 400 for i in half)
-    quarter = set(shifted_rows(ids, mask, slice(0, 400), 0.25))
-    assert quarter < set(half) and 60 <= len(quarter) <= 140           # nested: a row under 0.25 is under 0.5
-    assert shifted_rows(ids, mask, slice(0, 400), 0.5) == half         # deterministic
-    # a row's pick depends on its own non-padding tokens only: other rows, its position and padding do not matter
-    padded = torch.cat([torch.zeros(400, 3, dtype=ids.dtype), ids], 1)
-    pmask = torch.cat([torch.zeros(400, 3, dtype=mask.dtype), mask], 1)
-    assert shifted_rows(padded, pmask, slice(0, 400), 0.5) == half
-    sub = [i - 100 for i in half if 100 <= i < 200]
-    assert shifted_rows(ids[100:200], mask[100:200], slice(0, 100), 0.5) == sub
-    assert [i for i in shifted_rows(ids, mask, slice(100, 200), 0.5)] == [i for i in half if 100 <= i < 200]
-
-
-def test_steer_fraction_steers_the_same_part_of_the_unsafe_rows_in_both_passes(tiny_model_dir, built_dir, tmp_path,
-                                                                              monkeypatch):
-    """steer_fraction 0.5: the reference and policy passes of a step steer the same subset of the unsafe rows (rows
-    2..3 of the batch), the hooks get exactly that subset, and over the run some unsafe rows are steered, some not."""
-    import repbend.training.forward as fwd
-
-    picks, hooked = [], []
-    real_pick, real_shift = fwd.shifted_rows, fwd.row_shifts
-
-    def pick(ids, mask, rows, fraction):
-        out = real_pick(ids, mask, rows, fraction)
-        picks.append((fraction, rows, out))
-        return out
-
-    def spy(model, shifts):
-        hooked.append([rows for rows, _ in shifts])
-        return real_shift(model, shifts)
-
-    monkeypatch.setattr(fwd, "shifted_rows", pick)
-    monkeypatch.setattr(fwd, "row_shifts", spy)
-    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=6, lr=1e-3).model_dump()
-    del data["lora"]
-    data["method"]["params"].update(steer_state=1, steer_coefficient=4.0, steer_fraction=0.5)
-    train(TrainConfig.model_validate({**data, "full_finetune": True}))
-    assert len(picks) == 12 and all(f == 0.5 and rows == slice(2, 4) for f, rows, _ in picks)   # 6 steps x 2 passes
-    chosen = [out for _, _, out in picks]
-    assert all(chosen[k] == chosen[k + 1] for k in range(0, 12, 2))      # reference and policy agree within a step
-    assert all(set(c) <= {2, 3} for c in chosen)
-    n = sum(len(c) for c in chosen[::2])
-    assert 0 < n < 12                                                     # some of the 12 unsafe rows, not all
-    assert [h[0] for h in hooked if h] == [c for c in chosen if c]        # the hooks shift exactly the picked rows
-
-
-def test_steer_state_trains_on_steered_unsafe_rows_in_both_passes(tiny_model_dir, built_dir, tmp_path, monkeypatch):
-    """Every training forward pass (policy and reference) steers exactly the unsafe rows at state 1; with full
-    fine-tuning the first step's policy equals the reference, so L_unsafe is exactly 0 at step 1 (a one-sided steer
-    would already show), and later steps bend."""
-    import repbend.training.forward as fwd
+def test_published_batch_options_through_the_trainer(tiny_model_dir, built_dir, tmp_path, monkeypatch):
+    """paired_refusals + response_end_of_turn false (the paper configs' batch) in the real trainer: the last safe row
+    of each step is the refusal of the step's first unsafe request, and no safe/unsafe response ends with the
+    template's end-of-turn token (retain rows keep theirs)."""
+    from transformers import AutoTokenizer
 
     seen = []
-    real = fwd.row_shifts
-
-    def spy(model, shifts):
-        seen.append([(rows, sorted(by)) for rows, by in shifts])
-        return real(model, shifts)
-
-    monkeypatch.setattr(fwd, "row_shifts", spy)
-    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=4, lr=1e-3).model_dump()
-    del data["lora"]
-    data["method"]["params"].update(steer_state=1, steer_coefficient=4.0)
-    run = train(TrainConfig.model_validate({**data, "full_finetune": True}))
-    rows = _metrics(run)
-    assert float(rows[0]["loss/unsafe"]) == 0.0 and float(rows[-1]["loss/unsafe"]) > 0.0
-    steered = [call for call in seen if call]
-    # 4 steps x (reference + policy) + the telemetry/eval passes never steer; batch order safe, unsafe, retain -> rows 2..3
-    assert len(steered) >= 8 and all(call == [(slice(2, 4), [1])] for call in steered)
-
-
-def _refusal_nll(model_dir, rows):
-    """Mean next-token NLL of each row's response given its request, from a saved model folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from repbend.data.chat import encode
-
-    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for r in rows:
-            e = encode(tok, r["messages"], r["response"], max_request_tokens=32, max_response_tokens=24)
-            ids = torch.tensor([e.input_ids])
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-            tgt = ids[0, 1:]
-            resp = torch.arange(1, ids.shape[1]) >= e.request_len
-            total += float(-logp[torch.arange(len(tgt)), tgt][resp].sum())
-            n += int(resp.sum())
-    return total / n
-
-
-@pytest.mark.parametrize("split", ["safe", "pair"])
-def test_nll_term_teaches_the_safe_rows_refusals(split, tiny_model_dir, built_dir, tmp_path):
-    """nu > 0 through the real trainer, on the safe rows or on each unsafe row's paired refusal: L_NLL is logged and
-    the trained model gives the refusals to the harmful requests a clearly lower NLL than both the base model and the
-    same run without nu."""
-    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "nll", max_steps=10, lr=3e-3).model_dump()
-    del data["lora"]
-    data["method"]["params"].update(alpha=0.1, beta=0.1, gamma=0.1, epsilon=0.1, nu=1.0, nll_split=split)
-    run = train(TrainConfig.model_validate({**data, "full_finetune": True}))
-    metrics = _metrics(run)
-    assert len(metrics) == 10 and all(float(r["loss/nll"]) > 0 for r in metrics)
-    data["method"]["params"]["nu"] = 0.0
-    data["output_dir"] = str(tmp_path / "plain")
-    plain = train(TrainConfig.model_validate({**data, "full_finetune": True}))
-    assert "loss/nll" not in _metrics(plain)[0]
-    refusals = [r for r in make_rows() if r["kind"] == "refusal"]
-    taught, untaught, base = (_refusal_nll(d, refusals) for d in (run, plain, tiny_model_dir))
-    assert taught < base - 0.25 and taught < untaught - 0.25, (taught, untaught, base)
+    real = trainer_mod.Run.loss
+    monkeypatch.setattr(trainer_mod.Run, "loss", lambda self, items, p: (seen.append(items), real(self, items, p))[1])
+    data = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2).model_dump()
+    data["data"].update(batch_size={"safe": 3, "unsafe": 2, "retain": 2}, paired_refusals=1, response_end_of_turn=False)
+    rows = _metrics(train(TrainConfig.model_validate(data)))
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r["loss/total"]))) for r in rows)
+    eot = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids("<|im_end|>")
+    assert len(seen) == 2
+    for items in seen:
+        assert [len(items[s]) for s in ("safe", "unsafe", "retain")] == [3, 2, 2]
+        refusal, unsafe = items["safe"][-1], items["unsafe"][0]
+        assert refusal.input_ids[:refusal.request_len] == unsafe.input_ids[:unsafe.request_len]
+        assert all(e.input_ids[-1] != eot for s in ("safe", "unsafe") for e in items[s])
+        assert all(e.input_ids[-1] == eot for e in items["retain"])

@@ -18,7 +18,8 @@ tokens and the boundary is that prefix length. Two fallbacks cover templates whe
 
 Trailing template text after the end-of-turn token (e.g. ChatML's ``"\\n"`` after ``<|im_end|>``) is
 not part of the response: whitespace-only tokens that follow a special token at the end are dropped.
-So the response tokens decode to the response text followed by the template's end-of-turn token.
+So the response tokens decode to the response text followed by the template's end-of-turn token
+(``encode(..., end_of_turn=False)``: the response text only, as the published RepBend data).
 
 Truncation (choices):
 
@@ -87,10 +88,12 @@ def _drop_template_tail(tokenizer, resp: list[int]) -> list[int]:
 
 
 def encode(tokenizer, messages: Sequence[dict], response: str | None = None, *, max_request_tokens: int = 512,
-           max_response_tokens: int = 512) -> Encoded:
+           max_response_tokens: int = 512, end_of_turn: bool = True) -> Encoded:
     """Tokenize ``messages`` (+ the assistant ``response``) with the tokenizer's chat template.
 
-    Without ``response`` the result is the generation prompt alone (``response_len == 0``).
+    Without ``response`` the result is the generation prompt alone (``response_len == 0``). ``end_of_turn=False``
+    drops the template's end-of-turn token(s) (special tokens) that close the response, so the response tokens
+    are the answer text only.
     """
     if max_request_tokens < 1 or max_response_tokens < 0:
         raise RepbendError("max_request_tokens must be >= 1 and max_response_tokens >= 0.")
@@ -104,6 +107,10 @@ def encode(tokenizer, messages: Sequence[dict], response: str | None = None, *, 
         full_text = render(tokenizer, msgs + [{"role": "assistant", "content": response}], add_generation_prompt=False)
         req, resp = _split(tokenizer, prompt_text, full_text, response)
         resp = _drop_template_tail(tokenizer, resp)
+        if not end_of_turn:
+            special = set(getattr(tokenizer, "all_special_ids", []) or [])
+            while resp and resp[-1] in special:
+                resp = resp[:-1]
     if not req:
         raise RepbendError("The chat template rendered an empty prompt; check the tokenizer's chat template.")
     cut_req = len(req) > max_request_tokens

@@ -21,7 +21,7 @@ Splits a method may ask for (the data loader produces exactly the requested ones
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from repbend.config import Section
 from repbend.registry import Registry
 
 SPLITS = ("safe", "unsafe", "retain", "pair")
+TokenMode = Literal["response_all", "request_last", "request_all", "request_response", "response_first_k"]
 
 
 @dataclass
@@ -39,7 +40,7 @@ class SeqBatch:
     input_ids: Tensor            # long (B, T)
     attention_mask: Tensor       # long/bool (B, T): 1 = real token, 0 = padding
     request_mask: Tensor         # bool (B, T): tokens of the prompt (chat template included)
-    response_mask: Tensor        # bool (B, T): tokens of the assistant answer (its end-of-turn included)
+    response_mask: Tensor        # bool (B, T): tokens of the assistant answer (and its end-of-turn, unless dropped)
     last_request_index: Tensor   # long (B,): position of the last request token (where generation starts)
 
     @property
@@ -64,12 +65,6 @@ class Need:
     logits: bool = False           # True -> States.logits_at() is available
     reference: bool = False        # also compute these from the frozen reference model (no grad)
     policy: bool = True            # compute these from the trained model (False: reference-only split, e.g. `pair`)
-    # {hidden-state index l: vector (H,)} added to the output of block l at every position of this split's rows, in
-    # every pass over them (policy and reference); None = the model as it is. (RepBend's steer_state option.)
-    shift: dict[int, Tensor] | None = field(default=None, compare=False)
-    # share of this split's rows that get ``shift`` (1 = all); which rows is a fixed function of each row's tokens
-    # (see training/forward.py ``shifted_rows``), so both passes of a step shift the same rows
-    shift_fraction: float = 1.0
 
 
 @dataclass
@@ -101,6 +96,10 @@ class States:
 class Method:
     """Base class. Subclasses set ``name`` and ``Config`` and implement ``needs`` and ``__call__``.
 
+    ``Config`` is the method's typed config (a :class:`Section` with ``name: Literal[<name>]``); the training
+    config's ``method.params`` is a union of every registered method's ``Config``, told apart by ``name``.
+    The trainer calls :meth:`check_batch` once per step, before the passes; ``__call__`` does not repeat it.
+
     ``num_layers`` is the model's number of decoder blocks L (so hidden-state indices are 0..L).
     """
 
@@ -118,18 +117,6 @@ class Method:
     def check_batch(self, batch: dict[str, SeqBatch]) -> None:
         """Raise RepbendError when the batch cannot give a meaningful loss (e.g. no unsafe rows)."""
 
-    def prepare(self, reference_states: "ReferenceStates") -> None:
-        """Called once before the first step (again on a resume: same reference, same rows, same result).
-
-        ``reference_states(split, kinds, need)`` runs the frozen reference, without gradients, over the
-        training rows of ``split`` whose ``kind`` is in ``kinds`` (``None`` = every kind), each row once
-        (before ``data.repeat_kinds``), in data-file order, and yields ``(SeqBatch, States)`` per batch;
-        ``reference_states(..., request_only=True)`` leaves the responses out (a causal model gives the
-        request tokens the same states either way; the pass is cheaper).
-        For statistics of the original model that the loss needs (e.g. a direction in its states).
-        Default: nothing.
-        """
-
     def trainable_layers(self) -> list[int] | None:
         """Decoder blocks (0-based) whose parameters may change; ``None`` = whatever the LoRA/FT config says."""
         return None
@@ -139,8 +126,6 @@ class Method:
         """Return the scalar loss and its logged parts (``{"loss/safe": ..., ...}``). ``progress`` in [0, 1]."""
         raise NotImplementedError
 
-
-ReferenceStates = Callable[..., Iterator[tuple[SeqBatch, States]]]  # (split, kinds, need, request_only=False)
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -176,3 +161,29 @@ def require_rows(batch: dict[str, SeqBatch], split: str, method: str, why: str) 
     if split not in batch or batch[split].size == 0:
         raise RepbendError(f"The batch has no {split!r} rows but {method} needs them for {why}; "
                            f"add {split} rows to the data or change the method config.")
+
+
+def token_mask(batch: SeqBatch, mode: str, k: int) -> Tensor:
+    """(B, T) bool mask of the tokens selected by ``mode`` (never padding)."""
+    attn = batch.attention_mask.bool()
+    if mode == "response_all":
+        m = batch.response_mask
+    elif mode == "request_all":
+        m = batch.request_mask
+    elif mode == "request_response":
+        m = batch.request_mask | batch.response_mask
+    elif mode == "response_first_k":
+        m = batch.first_response_tokens(k)
+    else:  # request_last
+        m = torch.zeros_like(attn)
+        m[torch.arange(batch.size, device=m.device), batch.last_request_index] = True
+    return m.bool() & attn
+
+
+def kl_ref_policy(policy_logits: Tensor, reference_logits: Tensor, temperature: float, rows: int | None = None) -> Tensor:
+    """T^2 * KL(softmax(ref/T) || softmax(policy/T)) over (N, V) logits: summed and divided by ``rows`` (the
+    published batchmean), or averaged over the N positions when ``rows`` is None."""
+    log_p = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
+    log_r = torch.log_softmax(reference_logits.float() / temperature, dim=-1)
+    kl = (log_r.exp() * (log_r - log_p)).sum(-1)
+    return (kl.mean() if rows is None else kl.sum() / rows) * temperature ** 2

@@ -30,11 +30,12 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import RepbendError
-from repbend.methods.base import Method, Need, SeqBatch, States, check_layers, masked_mean, require_rows
-from repbend.methods.repbend import TokenMode, token_mask
+from repbend.methods.base import (Method, Need, SeqBatch, States, TokenMode, check_layers, masked_mean, require_rows,
+                                  token_mask)
 
 
 class CircuitBreakersConfig(Section):
+    name: Literal["circuit_breakers"] = Field("circuit_breakers", description="Method name (the method section's `name`).")
     alpha: float = Field(10.0, ge=0, description=(
         "Schedule scale alpha: rerouting weight alpha*(1-p/2), retain weight alpha*p/2 at progress p. "
         "Paper code: 10 for Llama-3-8B, 5 for Mistral-7B."))

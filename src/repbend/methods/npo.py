@@ -25,11 +25,11 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import RepbendError
-from repbend.methods.base import Method, Need, SeqBatch, States, require_rows, response_nll
-from repbend.methods.repbend import kl_ref_policy
+from repbend.methods.base import Method, Need, SeqBatch, States, kl_ref_policy, require_rows, response_nll
 
 
 class NPOConfig(Section):
+    name: Literal["npo"] = Field("npo", description="Method name (the method section's `name`).")
     beta: float = Field(0.1, gt=0, description="Inverse temperature beta of NPO (paper: 0.1).")
     gamma: float = Field(1.0, ge=0, description="Weight of the NLL on safe answers (0 disables it).")
     delta: float = Field(0.0, ge=0, description="Weight of KL(reference || trained) on kl_split tokens (0 = off).")

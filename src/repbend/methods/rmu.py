@@ -30,11 +30,12 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import ConfigError, RepbendError
-from repbend.methods.base import Method, Need, SeqBatch, States, check_layers, masked_mean, require_rows
-from repbend.methods.repbend import TokenMode, token_mask
+from repbend.methods.base import (Method, Need, SeqBatch, States, TokenMode, check_layers, masked_mean, require_rows,
+                                  token_mask)
 
 
 class RMUConfig(Section):
+    name: Literal["rmu"] = Field("rmu", description="Method name (the method section's `name`).")
     layer: int = Field(8, ge=1, description=(
         "Hidden-state index l whose activations are steered (i = output of block i; paper: module 7 = index 8)."))
     steering_coef: float = Field(6.5, gt=0, description="Steering coefficient c: unsafe activations go to c*u.")

@@ -1,5 +1,5 @@
-"""Adding vectors to decoder-block outputs: one mechanism for the white-box `steering` attack (every row) and for
-RepBend's ``steer_state`` training option (some rows of a batch)."""
+"""Adding vectors to decoder-block outputs (every row or some rows of a batch): the white-box `steering` attack's
+mechanism."""
 from __future__ import annotations
 
 import contextlib

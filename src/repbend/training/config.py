@@ -1,7 +1,7 @@
 """Training configuration (``repbend train --config C``): one YAML file, every field documented.
 
-Top-level sections: ``model``, ``data``, ``method`` (name + params checked against the method's own
-``Config`` from the ``METHODS`` registry), ``lora``, ``full_finetune``, ``training``, ``output_dir``.
+Top-level sections: ``model``, ``data``, ``method`` (``name`` + ``params``: a discriminated union of every
+registered method's typed ``Config``, validated once), ``lora``, ``full_finetune``, ``training``, ``output_dir``.
 :func:`check_train_config` adds the checks that need the model's shape or the file system, still
 without loading any model, so ``repbend validate`` can report every problem at once.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_serializer, field_validator, model_validator
 
 from repbend.config import Section, format_errors
 from repbend.errors import RepbendError
@@ -35,6 +35,14 @@ class DataSection(Section):
     max_response_tokens: int = Field(512, ge=1, description="Responses are cut to their first N tokens.")
     length_bucketing: bool = Field(False, description="Draw rows of similar length together (less padding).")
     bucket_batches: int = Field(16, ge=2, description="With length_bucketing: sort windows of this many batches.")
+    paired_refusals: int = Field(
+        0, ge=0, description="Refusals of the first N unsafe rows of each step (same pair_id: the same harmful "
+                             "request) that join that step's safe rows, counted in batch_size.safe; the rest of the "
+                             "safe rows are drawn as usual (the published batch: 8 safe = 4 drawn + 4 paired "
+                             "refusals). Unsafe rows without a refusal are then left out. 0 = off.")
+    response_end_of_turn: bool = Field(
+        True, description="End each safe/unsafe response with the chat template's end-of-turn token (false: the "
+                          "response text only, as the published data; retain rows always keep it).")
     repeat_kinds: dict[str, int] = Field(
         default_factory=dict,
         description="Oversampling: each training row of these kinds (a row's `kind` in train.jsonl: harmful, refusal, "
@@ -59,23 +67,92 @@ class DataSection(Section):
             raise ValueError("every batch size must be >= 1")
         return v
 
-
-class MethodSection(Section):
-    name: str = Field("repbend", description="Training method (registry METHODS: repbend, circuit_breakers, rmu, npo).")
-    params: dict[str, Any] = Field(default_factory=dict, description="The method's own options (see its Config).")
-
     @model_validator(mode="after")
-    def _params(self) -> "MethodSection":
-        cls = method_class(self.name)
-        try:
-            resolved = cls.Config.model_validate(self.params)
-        except ValidationError as e:
-            raise ValueError("; ".join(f"params.{line}" for line in format_errors(e))) from None
-        object.__setattr__(self, "params", resolved.model_dump(mode="json"))
+    def _paired(self) -> "DataSection":
+        k = self.paired_refusals
+        for split in ("safe", "unsafe"):
+            if k > self.batch_size.get(split, 4):
+                raise ValueError(f"paired_refusals: {k} refusals per step do not fit batch_size.{split} "
+                                 f"{self.batch_size.get(split, 4)}; lower paired_refusals or raise that batch size")
         return self
 
-    def build_config(self):
-        return method_class(self.name).Config.model_validate(self.params)
+
+def method_class(name: str):
+    """The registered method class (RepbendError with did-you-mean when unknown or not importable)."""
+    from repbend.methods import METHODS
+
+    try:
+        return METHODS.get(name)
+    except (ImportError, AttributeError) as e:
+        raise RepbendError(f"Method {name!r} is registered but cannot be imported ({e}).") from None
+
+
+def _method_configs():
+    """Every registered method's ``Config``, checked to carry ``name: Literal[<registered name>]``."""
+    from repbend.methods import METHODS
+
+    configs = []
+    for n in METHODS.names():
+        c = method_class(n).Config
+        if c.model_fields["name"].default != n:
+            raise RuntimeError(f"method {n!r}: its Config's `name` must default to {n!r}")
+        configs.append(c)
+    return tuple(configs)
+
+
+MethodConfig = Annotated[Union[_method_configs()], Field(discriminator="name")]  # type: ignore[valid-type]
+
+
+class MethodSection(Section):
+    """``method: {name: repbend, params: {...}}``: ``params`` is validated ONCE, as the typed ``Config`` of the
+    method ``name`` names (a union of every registered method's Config, told apart by ``name``)."""
+
+    name: str = Field("repbend", description="Training method (registry METHODS: repbend, circuit_breakers, rmu, npo).")
+    params: MethodConfig = Field(default=None, validate_default=True,  # type: ignore[assignment]
+                                 description="The method's own options (see its Config).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tag_params(cls, data: Any) -> Any:
+        """Give ``params`` the method's name (its union tag); unknown names fail with a did-you-mean."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("name", "repbend")
+        if not isinstance(name, str):
+            return data
+        try:
+            method_class(name)
+        except RepbendError as e:
+            raise ValueError(str(e)) from None
+        params = data.get("params")
+        params = {} if params is None else params
+        if isinstance(params, dict):
+            if params.get("name", name) != name:
+                raise ValueError(f"params.name {params['name']!r} differs from name {name!r}; drop params.name")
+            params = {**params, "name": name}
+        elif getattr(params, "name", name) != name:
+            raise ValueError(f"params are {params.name!r} options but name is {name!r}")
+        return {**data, "name": name, "params": params}
+
+    @model_validator(mode="after")
+    def _same_method(self) -> "MethodSection":
+        if self.params.name != self.name:
+            raise ValueError(f"params are {self.params.name!r} options but name is {self.name!r}; set both together")
+        return self
+
+    @field_validator("params", mode="wrap")
+    @classmethod
+    def _plain_locations(cls, value: Any, handler) -> Any:
+        """Errors say ``method.params: beta: ...``, without the union's tag in the location."""
+        try:
+            return handler(value)
+        except ValidationError as e:
+            lines = [line.split(".", 1)[1] if "." in line.split(":", 1)[0] else line for line in format_errors(e)]
+            raise ValueError("; ".join(lines)) from None
+
+    @field_serializer("params")
+    def _params_without_tag(self, params) -> dict:
+        return {k: v for k, v in params.model_dump(mode="json").items() if k != "name"}
 
 
 class LoraSection(Section):
@@ -137,16 +214,6 @@ class TrainConfig(Section):
         return self
 
 
-def method_class(name: str):
-    """The registered method class (RepbendError with did-you-mean when unknown or not importable)."""
-    from repbend.methods import METHODS
-
-    try:
-        return METHODS.get(name)
-    except (ImportError, AttributeError) as e:
-        raise RepbendError(f"Method {name!r} is registered but cannot be imported ({e}).") from None
-
-
 def model_shape(spec: str) -> tuple[int, int] | None:
     """(num_layers, hidden_size) read from a local model folder's config.json without loading weights; None if unknown."""
     candidates = [Path(spec)]
@@ -168,9 +235,22 @@ def model_shape(spec: str) -> tuple[int, int] | None:
     return None
 
 
+def build_method(cfg: TrainConfig, shape: tuple[int, int]):
+    """The method object of ``cfg`` for a model of ``shape`` = (num_layers, hidden_size); RepbendError when its
+    layers do not fit that model."""
+    return method_class(cfg.method.name)(cfg.method.params, *shape)
+
+
 def check_train_config(cfg: TrainConfig, shape: tuple[int, int] | None = None) -> list[str]:
     """Checks beyond the schema (files, layer ranges) that need no model weights; returns error lines."""
+    return checked_method(cfg, shape)[0]
+
+
+def checked_method(cfg: TrainConfig, shape: tuple[int, int] | None = None):
+    """(:func:`check_train_config`'s error lines, the method built for the model's shape or None when the shape is
+    unknown before loading or the method did not fit): the trainer builds the method here once."""
     errors: list[str] = []
+    method = None
     data = Path(cfg.data.dir)
     if not (data / "train.jsonl").is_file():
         errors.append(f"data.dir: {data} has no train.jsonl; build one with `repbend data build` or fix the path")
@@ -180,10 +260,10 @@ def check_train_config(cfg: TrainConfig, shape: tuple[int, int] | None = None) -
     if shape is not None:
         num_layers, hidden = shape
         try:
-            method_class(cfg.method.name)(cfg.method.build_config(), num_layers, hidden)
+            method = build_method(cfg, shape)
         except RepbendError as e:
             errors.append(str(e))
         bad = [i for i in cfg.lora.layers_to_transform or [] if not 0 <= i < num_layers]
         if bad and not cfg.full_finetune:
             errors.append(f"lora.layers_to_transform: blocks {bad} out of range 0..{num_layers - 1}")
-    return errors
+    return errors, method

@@ -7,6 +7,16 @@ of every global draw, so ranks never see the same row in a step. The sampler's w
 uninterrupted run would. ``pair`` rows are not drawn: for unsafe row i the pair is the refusal row with
 the same ``pair_id`` (unsafe rows without one are left out when the method needs ``pair``).
 
+Paired refusals (``data.paired_refusals = k``, off at 0): the refusals of the first ``k`` unsafe rows of each
+step (same ``pair_id``: the same harmful request answered with a refusal) join that step's safe rows, after
+``batch_size.safe - k`` safe rows drawn as usual — the published batch composition, where a harmful request's
+refusal and its harmful answer are bent and kept in the same step. Unsafe rows without a refusal are then left
+out of the unsafe pool. With k = 0 the draws are exactly those of a sampler without the option.
+
+Response ending (``data.response_end_of_turn``, on by default): off, the safe/unsafe/pair responses end with
+their text, without the chat template's end-of-turn token (as the published data); retain rows keep theirs
+(the published retain rows are whole rendered conversations).
+
 Length bucketing (optional) sorts windows of ``bucket_batches`` consecutive batches of the permutation
 by length and then shuffles the batch order inside the window, so rows of similar length share a
 batch (less padding) while the epoch still covers every row once.
@@ -53,28 +63,42 @@ def repeat_kinds(rows: Sequence[dict], repeats: dict[str, int]) -> list[dict]:
     return [r for r, (kind, split_kind) in zip(rows, keys) for _ in range(repeats.get(split_kind, repeats.get(kind, 1)))]
 
 
-def split_rows(rows: Sequence[dict], needed: Sequence[str]) -> dict[str, list[dict]]:
-    """Rows per needed split (``pair`` -> aligned refusals of the unsafe rows); RepbendError when one is empty."""
+def split_rows(rows: Sequence[dict], needed: Sequence[str], paired: bool = False) -> dict[str, list[dict]]:
+    """Rows per needed split (``pair`` -> aligned refusals of the unsafe rows); RepbendError when one is empty.
+
+    ``paired`` (data.paired_refusals > 0) adds ``"paired"``: the refusal of each unsafe row (aligned, same
+    ``pair_id``), a pool the sampler takes safe rows from, not a split of its own."""
     by = {s: [r for r in rows if r.get("split") == s] for s in ("safe", "unsafe", "retain")}
-    if "pair" in needed:
+    linked = "pair" in needed or (paired and "unsafe" in needed and "safe" in needed)
+    if linked:
         refusals = {r["pair_id"]: r for r in by["safe"] if r.get("kind") == "refusal" and r.get("pair_id")}
         by["unsafe"] = [r for r in by["unsafe"] if r.get("pair_id") in refusals]
         by["pair"] = [refusals[r["pair_id"]] for r in by["unsafe"]]
     out = {}
     for s in needed:
         if not by.get(s):
-            extra = " with a refusal of the same pair_id" if s in ("pair", "unsafe") and "pair" in needed else ""
+            extra = " with a refusal of the same pair_id" if s in ("pair", "unsafe") and linked else ""
             raise RepbendError(f"The training data has no {s!r} rows{extra} but the method needs them; "
                                f"rebuild the data set with {s} rows or change the method's weights.")
         out[s] = by[s]
+    if linked and paired and "safe" in needed:
+        out["paired"] = by["pair"]
     return out
 
 
 def encode_rows(tokenizer, rows: Sequence[dict], max_request_tokens: int, max_response_tokens: int,
-                desc: str = "encode") -> list[Encoded]:
+                desc: str = "encode", end_of_turn: bool = True) -> list[Encoded]:
     return [encode(tokenizer, r["messages"], r.get("response"), max_request_tokens=max_request_tokens,
-                   max_response_tokens=max_response_tokens)
+                   max_response_tokens=max_response_tokens, end_of_turn=end_of_turn)
             for r in tqdm(rows, desc=desc, leave=False, disable=len(rows) < 500)]
+
+
+def encode_pools(tokenizer, rows: Sequence[dict], needed: Sequence[str], data) -> dict[str, list[Encoded]]:
+    """Encoded rows per split the method needs (and ``paired``), with the data section's options (``data`` = a
+    training config's DataSection)."""
+    return {s: encode_rows(tokenizer, r, data.max_request_tokens, data.max_response_tokens, f"encode {s}",
+                           end_of_turn=data.response_end_of_turn or s == "retain")
+            for s, r in split_rows(rows, needed, paired=data.paired_refusals > 0).items()}
 
 
 @dataclass
@@ -87,10 +111,11 @@ class StepSampler:
     """Seeded, resumable, rank-aware sampling of one batch per split per step."""
 
     def __init__(self, pools: dict[str, list[Encoded]], batch_size: dict[str, int], seed: int, rank: int = 0,
-                 world: int = 1, bucketing: bool = False, bucket_batches: int = 16):
+                 world: int = 1, bucketing: bool = False, bucket_batches: int = 16, paired_refusals: int = 0):
         self.pools = pools
-        self.drawn = [s for s in pools if s != "pair"]
-        self.bs = {s: batch_size.get(s, 4) for s in self.drawn}
+        self.drawn = [s for s in pools if s not in ("pair", "paired")]
+        self.paired = paired_refusals if "paired" in pools else 0
+        self.bs = {s: batch_size.get(s, 4) - (self.paired if s == "safe" else 0) for s in self.drawn}
         self.seed, self.rank, self.world = seed, rank, world
         self.bucketing, self.bucket_batches = bucketing, bucket_batches
         self.cursor = {s: _Cursor() for s in self.drawn}
@@ -120,6 +145,8 @@ class StepSampler:
     def _draw(self, split: str) -> list[int]:
         need, c = self.bs[split] * self.world, self.cursor[split]
         idx: list[int] = []
+        if need == 0:  # every safe row of the step is a paired refusal
+            return idx
         while len(idx) < need:
             perm = self._perm(split, c.epoch)
             take = perm[c.pos:c.pos + need - len(idx)]
@@ -132,12 +159,16 @@ class StepSampler:
 
     def next(self) -> dict[str, list[Encoded]]:
         """This process's rows for the next step: ``{split: [Encoded, ...]}`` (pair aligned with unsafe)."""
-        out = {}
+        out, unsafe_idx = {}, []
         for s in self.drawn:
             idx = self._draw(s)
             out[s] = [self.pools[s][i] for i in idx]
-            if s == "unsafe" and "pair" in self.pools:
-                out["pair"] = [self.pools["pair"][i] for i in idx]
+            if s == "unsafe":
+                unsafe_idx = idx
+                if "pair" in self.pools:
+                    out["pair"] = [self.pools["pair"][i] for i in idx]
+        if self.paired:
+            out["safe"] = out["safe"] + [self.pools["paired"][i] for i in unsafe_idx[:self.paired]]
         return out
 
     def state_dict(self) -> dict:

@@ -10,14 +10,12 @@ logits inside it for the splits that need them (more memory, same numbers).
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from repbend.methods.base import Need, SeqBatch, States
-from repbend.models.hooks import shift_block_outputs as row_shifts
 from repbend.training.data import select_rows
 
 
@@ -31,21 +29,6 @@ def head_fn(lm_head: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     return apply
 
 
-def shifted_rows(input_ids: Tensor, attention_mask: Tensor, rows: slice, fraction: float) -> slice | list[int]:
-    """The rows of ``rows`` that get a Need's shift: all when ``fraction`` >= 1, else each row whose non-padding
-    tokens hash (BLAKE2b) below ``fraction`` of the range. A function of the row alone: the policy and reference
-    passes of a step, every run and every padding layout pick the same rows."""
-    if fraction >= 1:
-        return rows
-    picked = []
-    for i in range(*rows.indices(input_ids.shape[0])):
-        tokens = input_ids[i][attention_mask[i].bool()].to("cpu", torch.int64).numpy().tobytes()
-        h = int.from_bytes(hashlib.blake2b(tokens, digest_size=8).digest(), "big")
-        if h < fraction * 2 ** 64:
-            picked.append(i)
-    return picked
-
-
 def forward_states(model, batch: SeqBatch, spans: dict[str, slice], needs: dict[str, Need],
                    head: Callable[[Tensor], Tensor], full_logits: bool = False) -> dict[str, States]:
     """Run ``model`` once over the rows of the splits in ``needs``; return ``{split: States}``."""
@@ -53,11 +36,8 @@ def forward_states(model, batch: SeqBatch, spans: dict[str, slice], needs: dict[
         return {}
     sub, sub_spans = select_rows(batch, spans, list(needs))
     want_logits = any(n.logits for n in needs.values())
-    shifts = [(shifted_rows(sub.input_ids, sub.attention_mask, sub_spans[s], n.shift_fraction), n.shift)
-              for s, n in needs.items() if n.shift]
-    with row_shifts(model, [(rows, vec) for rows, vec in shifts if not isinstance(rows, list) or rows]):
-        out = model(input_ids=sub.input_ids, attention_mask=sub.attention_mask, output_hidden_states=True,
-                    use_cache=False, logits_to_keep=0 if (full_logits and want_logits) else 1)
+    out = model(input_ids=sub.input_ids, attention_mask=sub.attention_mask, output_hidden_states=True,
+                use_cache=False, logits_to_keep=0 if (full_logits and want_logits) else 1)
     hidden = out.hidden_states
     states = {}
     for split, need in needs.items():

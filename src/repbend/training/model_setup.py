@@ -44,15 +44,21 @@ def shape_of(model) -> tuple[int, int]:
     return int(cfg.num_hidden_layers), int(cfg.hidden_size)
 
 
-def build_models(cfg: TrainConfig, method_cls, method_cfg) -> tuple[ModelPair, object]:
-    """Load the base model, build the method (validates layers), attach LoRA or set up full fine-tuning."""
+def build_models(cfg: TrainConfig, method=None) -> tuple[ModelPair, object]:
+    """Load the base model, attach LoRA or set up full fine-tuning; ``method`` = the method already built for this
+    model's shape, or None to build it now from the loaded model's shape (validates its layers)."""
+    from repbend.training.config import build_method
     from repbend.models import load_model
 
     # Loaded on the CPU in fp32 (master weights); accelerate moves it to this process's device.
     model, tokenizer = load_model(cfg.model.name, adapter=cfg.model.adapter, device="cpu", dtype="float32",
                                   trust_remote_code=cfg.model.trust_remote_code, for_training=True)
     num_layers, hidden = shape_of(model)
-    method = method_cls(method_cfg, num_layers, hidden)
+    if method is None:
+        method = build_method(cfg, (num_layers, hidden))
+    elif (method.num_layers, method.hidden_size) != (num_layers, hidden):
+        raise RepbendError(f"{cfg.model.name}: config.json says {method.num_layers} blocks of width {method.hidden_size} "
+                           f"but the loaded model has {num_layers} of width {hidden}.")
     blocks = cfg.lora.layers_to_transform if not cfg.full_finetune else None
     blocks = blocks if blocks is not None else method.trainable_layers()
     if blocks is not None:

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from repbend.errors import ConfigError, DivergenceError, RepbendError
 from repbend.io import output_lock, write_run_info
-from repbend.methods.base import Need, ReferenceStates
+from repbend.methods.base import Need
 from repbend.seeding import seed_everything
 from repbend.training.checkpoint import (TrainState, load_checkpoint, main_rank, only_trainable_hook, prepare_run_dir,
                                         save_checkpoint)
-from repbend.training.config import TrainConfig, check_train_config, method_class, model_shape
-from repbend.training.data import (StepSampler, collate_splits, encode_rows, load_rows, repeat_kinds, rows_of,
+from repbend.training.config import TrainConfig, checked_method, model_shape
+from repbend.training.data import (StepSampler, collate_splits, encode_pools, load_rows, repeat_kinds, rows_of,
                                    split_rows)
 from repbend.training.forward import forward_states, head_fn
 from repbend.training.model_setup import build_models
@@ -46,11 +46,7 @@ class Run:
         self.head = head_fn(unwrapped.get_output_embeddings())
         ref_head = head_fn((reference or unwrapped).get_output_embeddings())
         self.ref_head = lambda x: _in(ref_context, ref_head, x)
-        self.refresh_needs()
-
-    def refresh_needs(self) -> None:
-        """Re-read the method's needs (after ``prepare``, which may add e.g. a row shift)."""
-        needs = self.method.needs()
+        needs = method.needs()
         self.policy_needs = {s: n for s, n in needs.items() if n.policy}
         self.reference_needs = {s: n for s, n in needs.items() if n.reference}
 
@@ -69,28 +65,6 @@ class Run:
         loss, parts = self.method(splits, policy, reference, progress)
         tokens = int(batch.attention_mask.sum())
         return loss, parts, tokens
-
-    def reference_states_fn(self, rows, tokenizer, max_request_tokens: int, max_response_tokens: int,
-                            batch_size: int = 8) -> ReferenceStates:
-        """The ``reference_states(split, kinds, need)`` function of :meth:`Method.prepare` over ``rows``.
-
-        Every process runs every row (the statistics come out the same on each rank without a gather; a
-        sharded reference needs every rank in every forward anyway)."""
-
-        def states(split, kinds, need, request_only=False):
-            chosen = [r for r in rows if r.get("split") == split and (kinds is None or r.get("kind") in kinds)]
-            if request_only:  # prompt + generation header only: the request's states are the same, the pass cheaper
-                chosen = [{**r, "response": None} for r in chosen]
-            enc = encode_rows(tokenizer, chosen, max_request_tokens, max_response_tokens, f"encode {split}")
-            for i in tqdm(range(0, len(enc), batch_size), desc=f"reference states ({split})", leave=False,
-                          disable=not self.acc.is_main_process):
-                batch, spans, splits = self.batch({split: enc[i:i + batch_size]})
-                with torch.no_grad(), self.ref_context(), self.acc.autocast():
-                    st = forward_states(self.reference_model, batch, spans, {split: need}, self.ref_head,
-                                        self.full_logits)
-                yield splits[split], st[split]
-
-        return states
 
     @torch.no_grad()
     def probe(self, items) -> list[dict]:
@@ -141,15 +115,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     removes an earlier run in the folder (or another kind of run) and starts over.
     """
     # ---- cheap checks first: config, files, layer ranges, data splits (no model weights loaded yet) ----
-    shape = model_shape(cfg.model.name)
-    errors = check_train_config(cfg, shape)
+    errors, method = checked_method(cfg, model_shape(cfg.model.name))  # the method is built once (None: shape unknown)
     if errors:
         raise ConfigError("Invalid training config: " + "; ".join(errors))
     with output_lock(Path(cfg.output_dir), enabled=main_rank()):
-        return _train(cfg, resume, overwrite, shape)
+        return _train(cfg, resume, overwrite, method)
 
 
-def _train(cfg: TrainConfig, resume: bool, overwrite: bool, shape) -> Path:
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     from transformers import get_scheduler
@@ -157,21 +130,18 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, shape) -> Path:
     t_start = time.time()
     run_dir, tc = Path(cfg.output_dir), cfg.training
     candidates = prepare_run_dir(cfg, resume, overwrite)
-    method_cls, method_cfg = method_class(cfg.method.name), cfg.method.build_config()
-    base_rows = load_rows(cfg.data.dir)
-    rows = repeat_kinds(base_rows, cfg.data.repeat_kinds)
-    if shape is not None:
-        split_rows(rows, list(method_cls(method_cfg, *shape).needs()))
+    rows = repeat_kinds(load_rows(cfg.data.dir), cfg.data.repeat_kinds)
+    if method is not None:
+        split_rows(rows, list(method.needs()), paired=cfg.data.paired_refusals > 0)  # a missing split fails here
     # cpu=True without CUDA: accelerate then sees torchrun's WORLD_SIZE and uses gloo (MULTI_CPU)
     acc = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no", gradient_accumulation_steps=tc.grad_accum,
                       cpu=not torch.cuda.is_available())
     seed_everything(tc.seed)
-    pair, method = build_models(cfg, method_cls, method_cfg)
+    pair, method = build_models(cfg, method)
     needs = method.needs()
-    pools = {s: encode_rows(pair.tokenizer, r, cfg.data.max_request_tokens, cfg.data.max_response_tokens, f"encode {s}")
-             for s, r in split_rows(rows, list(needs)).items()}
+    pools = encode_pools(pair.tokenizer, rows, list(needs), cfg.data)
     sampler = StepSampler(pools, cfg.data.batch_size, tc.seed, acc.process_index, acc.num_processes,
-                          cfg.data.length_bucketing, cfg.data.bucket_batches)
+                          cfg.data.length_bucketing, cfg.data.bucket_batches, cfg.data.paired_refusals)
     # ---- model, optimizer, scheduler, checkpoint hooks ----
     params = [p for p in pair.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -184,11 +154,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, shape) -> Path:
     sharded = acc.distributed_type == DistributedType.FSDP or (
         acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
     run = Run(acc, model, reference, pair.reference_context(unwrapped), method, pair.tokenizer.pad_token_id, sharded)
-    check_items = {k: v for k, v in StepSampler(pools, cfg.data.batch_size, tc.seed).next().items()}
+    check_items = StepSampler(pools, cfg.data.batch_size, tc.seed, paired_refusals=cfg.data.paired_refusals).next()
     method.check_batch(run.batch(check_items)[2])  # bad data fails here, before the first step
-    method.prepare(run.reference_states_fn(base_rows, pair.tokenizer, cfg.data.max_request_tokens,
-                                           cfg.data.max_response_tokens))
-    run.refresh_needs()
     tele = _telemetry(run_dir, acc.is_main_process)
     ckpt = None
     if candidates:
@@ -307,13 +274,12 @@ def _evaluate(run: Run, cfg: TrainConfig, tokenizer, tele: Telemetry, step: int)
     if not rows:
         return
     try:
-        by_split = split_rows(rows, list(run.method.needs()))
+        pools = encode_pools(tokenizer, rows, list(run.method.needs()), cfg.data)
     except RepbendError as e:  # a small val part may lack a split: skip evaluation, keep training
         tqdm.write(f"repbend: skipping evaluation at step {step}: {e}")
         return
-    pools = {s: encode_rows(tokenizer, r, cfg.data.max_request_tokens, cfg.data.max_response_tokens)
-             for s, r in by_split.items()}
-    sampler = StepSampler(pools, cfg.data.batch_size, seed=12345, rank=run.acc.process_index, world=run.acc.num_processes)
+    sampler = StepSampler(pools, cfg.data.batch_size, seed=12345, rank=run.acc.process_index, world=run.acc.num_processes,
+                          paired_refusals=cfg.data.paired_refusals)
     sums: dict[str, float] = defaultdict(float)
     for _ in range(cfg.training.eval_batches):
         loss, parts, _ = run.loss(sampler.next(), 1.0)
