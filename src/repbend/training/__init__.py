@@ -5,10 +5,21 @@ Public API: :func:`train` ``(cfg: TrainConfig, resume=False, overwrite=False) ->
 """
 from __future__ import annotations
 
-from repbend.training.config import TrainConfig
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the config module builds the method union, which imports the methods (torch)
+    from repbend.training.config import TrainConfig
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
+def __getattr__(name: str) -> Any:
+    if name == "TrainConfig":
+        from repbend.training.config import TrainConfig
+
+        return TrainConfig
+    raise AttributeError(f"module 'repbend.training' has no attribute {name!r}")
+
+
+def train(cfg: "TrainConfig", resume: bool = False, overwrite: bool = False):
     from repbend.training.trainer import train as _train
 
     return _train(cfg, resume=resume, overwrite=overwrite)
