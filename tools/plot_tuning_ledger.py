@@ -13,6 +13,10 @@ seeds, drawn larger and hollow). One row has the trial ``original``: its over-re
 points is the selection rule's limit (dashed line) and a tenth of its ASR the 90% target (dotted line).
 Rows of the family ``chosen`` are the selected config: the spread of its per-seed ASR is drawn as a grey
 band, since a single-seed point inside it cannot be told apart from the chosen config.
+
+An optional column ``rerun`` (``yes``/``no``) says whether the trial can still be re-run from its sweep file:
+``no`` marks a trial whose option was removed from repbend, kept in the ledger as a measured result. The
+plot draws every row alike and ignores that column.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LEDGER = ROOT / "docs" / "tuning_trials.csv"
 SWEEP = ROOT / "configs" / "tune-default-v2.yaml"
+TUNING = ROOT / "docs" / "TUNING.md"
 
 
 def test_the_ledger_is_consistent_with_its_sweep_file(load_script):
@@ -20,8 +21,20 @@ def test_the_ledger_is_consistent_with_its_sweep_file(load_script):
     keys = [(r["trial"], r["seeds"]) for r in rows]
     assert len(keys) == len(set(keys)), "a trial and seed is in the ledger twice"
     sweep = SWEEP.read_text()
-    for name in {r["trial"] for r in rows} - {"original"}:   # every trial can be re-run with `repbend tune --only`
-        assert f"name: {name}\n" in sweep, f"{name} is not a trial of {SWEEP.name}"
+    for r in rows:
+        assert r["rerun"] in {"yes", "no"}, r
+        if r["trial"] == "original":
+            continue
+        if r["rerun"] == "yes":      # can be re-run with `repbend tune tune-default-v2 --only NAME@sSEED`
+            assert f"name: {r['trial']}\n" in sweep, f"{r['trial']} is not a trial of {SWEEP.name}"
+        else:                        # its option was removed from repbend: not in the sweep, and said so
+            assert f"name: {r['trial']}\n" not in sweep, f"{r['trial']} is in {SWEEP.name} but marked rerun=no"
+    removed = {r["trial"] for r in rows if r["rerun"] == "no"}
+    section = TUNING.read_text().split("## Ideas tried and removed", 1)
+    assert len(section) == 2, "docs/TUNING.md has no section 'Ideas tried and removed'"
+    text = section[1].split("\n## ", 1)[0]
+    for name in removed:
+        assert f"`{name}`" in text, f"docs/TUNING.md's 'Ideas tried and removed' does not name {name}"
     chosen = [r for r in rows if r["family"] == "chosen"]
     assert len({r["trial"] for r in chosen}) == 1
     per_seed = [float(r["mean_asr"]) for r in chosen if r["seeds"] != "mean"]
