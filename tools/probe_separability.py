@@ -14,7 +14,7 @@ over-refusal-train rows), tested on requests it never saw:
   alarming words, the prompts on which over-refusal compliance is measured.
 
 Also per layer: the same scores for the plain difference of the training means (harmful - safe; no
-fitted weights), the direction RepBend's optional L_dir term pushes along (docs/TUNING.md).
+fitted weights; docs/TUNING.md, "What the original model already separates").
 
 A baseline with no model states (logistic regression on which tokens a prompt contains) shows how far
 words alone go. Printed per layer: AUROC, and the share of harmful behaviours caught at the best threshold that flags at
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         m = fit_logreg(x_tr[:, layer], y, l2)
         s = {k: score(m, v[:, layer]) for k, v in states.items() if not k.startswith("train")}
         row = {"layer": layer, "l2": l2, **separation(s)}
-        # the difference of the training means alone (no fitted weights): the direction RepBend's L_dir pushes along
+        # the difference of the training means alone (no fitted weights)
         d = x_tr[y == 1, layer].mean(0) - x_tr[y == 0, layer].mean(0)
         row["diff_means"] = separation({k: v[:, layer] @ d for k, v in states.items() if not k.startswith("train")})
         if complied is not None and complied.any():
