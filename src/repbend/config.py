@@ -152,4 +152,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 
 def dump_config(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML that :func:`load_config` reads back into the same config. A config class leaves
+    out sections that do not apply (``dump_exclude()``, e.g. ``lora`` of a full fine-tuning run)."""
+    exclude = cfg.dump_exclude() if hasattr(cfg, "dump_exclude") else None
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -67,3 +67,17 @@ def test_validate_reports_every_error_without_loading(tiny_model_dir, built_dir,
     assert result.exit_code == 2 and result.output.count("error:") == 3
     result = CliRunner().invoke(app, ["validate", str(good), "training.max_steps=0", "training.nope=1"])
     assert result.exit_code == 2 and "training.max_steps" in result.output and "training.nope" in result.output
+
+
+@pytest.mark.parametrize("full_finetune", [True, False])
+def test_the_resolved_config_of_a_run_loads_back_unchanged(tmp_path, full_finetune):
+    """A run folder's config.yaml is what `repbend train -c` reads: with full fine-tuning it must not carry the
+    lora section that such a config rejects."""
+    from repbend.config import dump_config, load_config
+
+    raw = {"data": {"dir": str(tmp_path)}, "output_dir": str(tmp_path / "run"), "full_finetune": full_finetune}
+    cfg = load_config(TrainConfig, data=raw)
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    again = load_config(TrainConfig, tmp_path / "config.yaml")
+    assert again == cfg
+    assert ("lora" in yaml.safe_load(dump_config(cfg))) == (not full_finetune)

@@ -203,6 +203,10 @@ class TrainConfig(Section):
             data = {k: v for k, v in data.items() if k != "lora"}
         return data
 
+    def dump_exclude(self) -> set[str] | None:
+        """Sections the resolved config.yaml leaves out: ``lora`` with full fine-tuning (it would not load back)."""
+        return {"lora"} if self.full_finetune else None
+
     @model_validator(mode="after")
     def _ft_vs_adapter(self) -> "TrainConfig":
         if self.full_finetune and self.model.adapter:
