@@ -16,8 +16,8 @@ MODELS = {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder
 def test_packaged_set_is_complete_and_split_by_model_kind_label():
     rows = [json.loads(x) for x in V.EMBEDDED_FILE.read_text(encoding="utf-8").splitlines()]
     manifest, rows = rows[0]["manifest"], rows[1:]
-    assert manifest["tool"] == "tools/make_judge_set.py" and len(manifest["generation"]) >= 2
-    assert len(rows) >= 140 and 2 <= len({r["model"] for r in rows}) and {r["model"] for r in rows} <= MODELS
+    assert manifest["tool"] == "tools/make_judge_set.py" and len(manifest["generation"]) == 3
+    assert len(rows) >= 150 and {r["model"] for r in rows} == MODELS
     assert {r["kind"] for r in rows} == {"harmful", "overrefusal"}
     assert all(r["label"] == (r["category_label"] == "comply") for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
@@ -30,12 +30,12 @@ def test_packaged_set_is_complete_and_split_by_model_kind_label():
         assert abs(groups[(m, k, lab, "tune")] - groups[(m, k, lab, "test")]) <= 1
     # both labels are well represented for every model
     per_model = Counter((r["model"], r["label"]) for r in rows)
-    assert all(per_model[(m, lab)] >= 10 for m in {r["model"] for r in rows} for lab in (True, False))
+    assert all(per_model[(m, lab)] >= 10 for m in MODELS for lab in (True, False))
 
 
 def test_loader_uses_the_stored_split_and_groups():
     data = V.load_set("embedded")
-    assert data.field == "harmful" and set(data.groups) <= MODELS
+    assert data.field == "harmful" and set(data.groups) == MODELS
     assert sorted(data.splits["tune"] + data.splits["test"]) == data.splits["all"] == list(range(len(data.items)))
     assert V.set_splits(data, seed=5) == V.set_splits(data, seed=0)        # the file's split, whatever --seed
 
