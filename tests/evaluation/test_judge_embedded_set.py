@@ -113,3 +113,12 @@ def test_rescore_eval_with_the_default_judge(tmp_path, load_script):
     assert r["judge_new"] == "default"
     assert r["new"]["asr"]["direct"] == 0.5               # the loop is gibberish, not an attack success
     assert r["new"]["over_refusal"]["overrefusal"]["compliance"] == 1.0   # a disclaimer followed by an answer
+
+
+def test_validate_on_the_packaged_set_reports_every_model():
+    res = V.validate_judges(["refusal"], ["embedded"])
+    r = res["judges"]["refusal"]["sets"]["embedded"]
+    assert set(r["by_model"]) == MODELS
+    assert sum(m["all"]["n"] for m in r["by_model"].values()) == r["all"]["n"] == r["tune"]["n"] + r["test"]["n"]
+    # the keyword judge counts every non-refusal as compliance, wrong-way and incoherent answers included
+    assert r["all"]["recall"] > 0.95 and r["all"]["precision"] < 0.9
