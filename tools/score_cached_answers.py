@@ -1,4 +1,14 @@
-"""Score the answers a cut-off tuning sweep had already generated (``<trial>/eval/cache.jsonl``).
+"""Re-score saved answers with a judge: a cut-off tuning sweep's caches, or finished eval folders.
+
+Finished evaluation folders (``--eval-dir``, repeatable): every answer in ``completions.jsonl`` (attacks,
+white-box attacks included, and over-refusal) is judged again and the per-attack ASR, the average and
+core averages and the over-refusal compliance are printed beside the numbers in the folder's
+``results.json`` (nothing is generated or rewritten):
+
+    python tools/score_cached_answers.py --eval-dir runs/demo/eval-original --eval-dir runs/demo/eval-repbend-s0 \
+        [--judge default] [--json out.json]
+
+Cut-off sweeps (``<trial>/eval/cache.jsonl``):
 
 When a sweep stops during evaluation (a lease ends, a job is killed), `repbend tune --rejudge` cannot
 help: only finished trials have ``completions.jsonl``. Every generated answer is in the trial's
@@ -52,12 +62,94 @@ def score(out: Path, judge_name: str = "default") -> dict[str, dict[str, dict[st
     return table
 
 
+def rescore_eval(folder: Path, judge: str | dict = "default") -> dict:
+    """Judge every answer of a finished eval folder again; ``{"old": numbers, "new": numbers}``.
+
+    Numbers: ``asr`` (per attack: mean ASR over benchmarks), ``average_asr``, ``core_asr``,
+    ``over_refusal`` (per set: compliance, refusal, gibberish). ASR is aggregated as the runner does
+    (per attack class: mean over variants, or any-success for best-of-N-like attacks). ``judge``: a
+    judge name or a spec ``{"name": ..., <Config fields>}``.
+    """
+    from repbend.evaluation.attacks import ATTACKS
+    from repbend.evaluation.overrefusal import rates as or_rates
+    from repbend.evaluation.scoring import average_asr, summarize
+    from repbend.evaluation.types import Completion
+    from repbend.pipeline.summary import core_average
+
+    res_path, comp_path = folder / "results.json", folder / "completions.jsonl"
+    if not res_path.is_file() or not comp_path.is_file():
+        raise SystemExit(f"error: {folder} has no results.json/completions.jsonl; it must be a finished eval folder.")
+    old = json.loads(res_path.read_text(encoding="utf-8"))
+    rows = read_jsonl(comp_path)
+    specs = (old.get("meta", {}).get("suite", {}).get("config") or {}).get("attacks") or []
+    cls_of = {(s.get("label") or s["name"]): s["name"] for s in specs}
+    spec = judge if isinstance(judge, dict) else {"name": judge}
+    _, judge = build(JUDGES, spec)
+    groups: dict[tuple, list[dict]] = {}
+    safe: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("attack") == "over_refusal":
+            safe.setdefault(r["benchmark"], []).append(r)
+        elif "harmful" in r:
+            groups.setdefault((r["attack"], r["benchmark"]), []).append(r)
+    table: dict[str, dict] = {}
+    for (attack, bench), rs in groups.items():
+        vs = judge.score([JudgeItem(behaviour=r["behaviour"], response=r["response"], context=r.get("context"))
+                          for r in rs])
+        comps = [Completion(r["behaviour_id"], attack, r["variant"], r["messages"], r["prefill"], r["text"], r["sample"])
+                 for r in rs]
+        n = old["asr"].get(attack, {}).get(bench, {}).get("n") or len({r["behaviour_id"] for r in rs})
+        agg = getattr(ATTACKS.get(cls_of.get(attack, attack)), "aggregate", "mean")
+        table.setdefault(attack, {})[bench] = summarize(comps, vs, n, agg)
+    safe_rates = {}
+    for bench, rs in safe.items():
+        vs = judge.score([JudgeItem(behaviour=r["prompt"], response=r["response"]) for r in rs])
+        safe_rates[bench] = or_rates([bool(v.harmful) for v in vs], vs)
+
+    def numbers(asr: dict, sets: dict) -> dict:
+        per_attack = {a: sum(b["asr"] for b in bs.values()) / len(bs) for a, bs in asr.items()}
+        return {"asr": per_attack, "average_asr": average_asr(asr), "core_asr": core_average(per_attack),
+                "over_refusal": {k: {m: v.get(m) for m in ("n", "compliance", "refusal", "gibberish")}
+                                 for k, v in sets.items()}}
+
+    return {"judge_old": (old.get("judge") or {}).get("name"), "judge_new": spec["name"],
+            "old": numbers(old["asr"], (old.get("over_refusal") or {}).get("sets") or {}),
+            "new": numbers(table, safe_rates)}
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def print_rescore(folder: Path, r: dict) -> None:
+    print(f"{folder}  (old judge {r['judge_old']}, new judge {r['judge_new']}; % old -> new)")
+    for attack, v in r["old"]["asr"].items():
+        print(f"  {attack:<18} ASR {_pct(v)} -> {_pct(r['new']['asr'].get(attack))}")
+    for k in ("average_asr", "core_asr"):
+        print(f"  {k:<18}     {_pct(r['old'][k])} -> {_pct(r['new'][k])}")
+    for s, v in r["old"]["over_refusal"].items():
+        nv = r["new"]["over_refusal"].get(s, {})
+        print(f"  over-refusal {s:<11} compliance {_pct(v['compliance'])} -> {_pct(nv.get('compliance'))}"
+              f"  refusal {_pct(v['refusal'])} -> {_pct(nv.get('refusal'))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("sweep_dir", type=Path, nargs="?", help="A tuning sweep folder (cut-off trials).")
+    ap.add_argument("--eval-dir", type=Path, action="append", default=[],
+                    help="A finished eval folder to re-judge (repeatable); old vs new numbers are printed.")
     ap.add_argument("--judge", default="default", help="Judge name (default, refusal, ...).")
     ap.add_argument("--json", type=Path, help="Also write the table as JSON here.")
     a = ap.parse_args(argv)
+    if a.eval_dir:
+        out = {str(d): rescore_eval(d, a.judge) for d in a.eval_dir}
+        for d, r in out.items():
+            print_rescore(Path(d), r)
+        if a.json:
+            a.json.write_text(json.dumps(out, indent=1))
+        return 0
+    if a.sweep_dir is None:
+        ap.error("give a sweep folder or --eval-dir")
     table = score(a.sweep_dir, a.judge)
     for trial, attacks in table.items():
         print(trial, "  ".join(f"{k}: ASR {v['asr']:.1f} refusal {v['refusal']:.1f} gibberish {v['gibberish']:.1f}"

@@ -26,17 +26,21 @@ def print_validation(result: dict) -> None:
     table = Table(title=f"Judge agreement with human labels (seed {result['seed']}; test = held-out half)")
     for col in ("judge", "set", "label", "split", "n", "acc", "prec", "rec", "F1", "kappa"):
         table.add_column(col, justify="left" if col in ("judge", "set", "label", "split") else "right")
+    def row(judge: str, name: str, label: str, split: str, m: dict) -> None:
+        table.add_row(judge, name, label, split, str(m["n"]), f"{m['accuracy']:.3f}",
+                      f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", f"{m['kappa']:.3f}")
+
     for judge, jr in result["judges"].items():
         for set_name, sr in jr["sets"].items():
             for split in ("tune", "test", "all"):
-                m = sr[split]
-                table.add_row(judge, set_name, sr["field"], split, str(m["n"]), f"{m['accuracy']:.3f}",
-                              f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", f"{m['kappa']:.3f}")
+                row(judge, set_name, sr["field"], split, sr[split])
+            for group, per_split in (sr.get("by_model") or {}).items():
+                for split in ("tune", "test", "all"):
+                    row(judge, f"{set_name} / {group}", sr["field"], split, per_split[split])
         for split, m in (jr.get("pooled") or {}).items():
-            table.add_row(judge, "pooled (all sets)", "own label", split, str(m["n"]), f"{m['accuracy']:.3f}",
-                          f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", f"{m['kappa']:.3f}")
+            row(judge, "pooled (all sets)", "own label", split, m)
         table.add_section()
-    Console(width=120).print(table)
+    Console(width=140).print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -45,14 +49,15 @@ def register(app: typer.Typer) -> None:
     @judge_app.command("validate")
     def validate_cmd(
         judge: Optional[list[str]] = typer.Option(None, "--judge", "-j", metavar="NAME", help="Judge to score (repeatable); default: refusal and default."),
-        dataset: Optional[list[str]] = typer.Option(None, "--dataset", "-d", metavar="SET", help="Labelled set (repeatable): jbb, pyrit_refusal, pyrit_refusal_extra; default: all."),
+        dataset: Optional[list[str]] = typer.Option(None, "--dataset", "-d", metavar="SET", help="Labelled set (repeatable): embedded, jbb, pyrit_refusal, pyrit_refusal_extra; default: all."),
         set_: Optional[list[str]] = typer.Option(None, "--set", metavar="JUDGE.FIELD=VALUE", help="Judge config override judge.field=value (repeatable), e.g. llm_classifier.model=/path."),
         seed: int = typer.Option(0, "--seed", help="Seed of the tune/test half split."),
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", metavar="DIR", help="Folder for validation.json (and run_info.json)."),
     ) -> None:
-        """Score judges against the human-labelled sets shipped in packages (JBB classifier
-        comparison: harmful; PyRIT refusal sets: refused) and print accuracy, precision, recall,
-        F1 and Cohen's kappa on the tune half, the held-out test half and all rows."""
+        """Score judges against the human-labelled sets (answers of the embedded models: harmful =
+        engaged, also per model; JBB classifier comparison: harmful; PyRIT refusal sets: refused) and
+        print accuracy, precision, recall, F1 and Cohen's kappa on the tune half, the held-out test
+        half and all rows."""
         from repbend.evaluation.judges.validate import validate_judges
 
         result = validate_judges(judge, dataset, seed=seed, judge_configs=_parse_overrides(set_ or []),

