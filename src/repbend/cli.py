@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "repbend.evaluation.judges.commands",
     "repbend.evaluation.report_commands",
     "repbend.pipeline.commands",
+    "repbend.analysis.commands",
 )
 
 
