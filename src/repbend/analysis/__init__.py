@@ -12,7 +12,7 @@ model folder), ``model`` itself (default: the base recorded in the run's ``confi
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ class AnalyzeConfig(Section):
     lens_prompts: int = Field(2, ge=0, description="Test prompts per kind shown in the logit-lens table.")
     lens_top_k: int = Field(3, ge=1, le=20, description="Tokens per layer in the logit-lens table.")
     probe: bool = Field(True, description="Fit the logistic probe too (difference of means is always computed).")
+    strip_final_punct: bool = Field(True, description="Drop each prompt's final ?/./! first: no HarmBench behaviour ends "
+                                                       "with '?' and nearly every over-refusal prompt does, so with the "
+                                                       "punctuation early layers 'separate' them by style, not harm.")
     probe_data: str | None = Field(None, description="Built data folder: fit the read-outs on its training requests "
                                                      "instead of the held-out fit prompts.")
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass.")
@@ -92,6 +95,8 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     prompts = collect.heldout_prompts(cfg.max_prompts or None, cfg.seed)
     if cfg.probe_data:
         prompts = [p for p in prompts if p.part == "test"] + collect.training_prompts(cfg.probe_data, cfg.max_prompts or None, cfg.seed)
+    if cfg.strip_final_punct:
+        prompts = [dataclasses.replace(p, text=collect.strip_final_punct(p.text)) for p in prompts]
     test = [p for p in prompts if p.part == "test"]
     lens_idx = [i for k in collect.KINDS for i in [j for j, p in enumerate(test) if p.kind == k][: cfg.lens_prompts]]
 
@@ -148,7 +153,7 @@ def summarise(cfg: AnalyzeConfig, model_spec: str, trained_spec: str | None, pro
     summary: dict[str, Any] = {
         "model": model_spec, "trained": trained_spec, "layers": layers, "num_states": orig["num_states"],
         "position": "last prompt token (where the answer's first token is predicted)",
-        "prompts": sizes, "fit_on": f"training requests of {cfg.probe_data}" if cfg.probe_data else "held-out fit prompts",
+        "prompts": sizes, "final_punct_stripped": cfg.strip_final_punct, "fit_on": f"training requests of {cfg.probe_data}" if cfg.probe_data else "held-out fit prompts",
         "max_fpr": metrics.MAX_FPR, "separability": {}, "best": {},
     }
     for tag, ps in passes.items():

@@ -14,6 +14,9 @@ Prompts (held out from training unless said otherwise), each with a ``kind`` and
 folder (``probe_data``) the read-outs are fitted on its training requests instead (unsafe rows = harmful,
 benign and over-refusal rows = safe), as the project's earlier separability study did.
 
+By default each prompt's final ``?``/``.``/``!`` is dropped (``strip_final_punct``): no HarmBench behaviour ends
+with ``?`` and nearly every over-refusal prompt does, so with it early layers separate the sets by style alone.
+
 States: one position per prompt, the last prompt token (the end of the assistant header: where the model
 predicts its answer's first token), at each chosen hidden state (0 = embeddings, i = output of block i,
 L = after the final norm; as ``output_hidden_states``). Forward hooks copy that one position out of each
@@ -68,6 +71,11 @@ def heldout_prompts(max_prompts: int | None = 48, seed: int = 0) -> list[Prompt]
     for part, idx in halves.items():
         out += [Prompt(r["id"], "benign", part, r["prompt"]) for r in _subset([benign[i] for i in idx], max_prompts, seed)]
     return out
+
+
+def strip_final_punct(text: str) -> str:
+    """``text`` without trailing whitespace and final ``?``/``.``/``!`` characters."""
+    return text.rstrip().rstrip("?.!").rstrip()
 
 
 def training_prompts(data_dir: str, max_prompts: int | None = None, seed: int = 0) -> list[Prompt]:

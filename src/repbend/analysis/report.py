@@ -32,7 +32,9 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Inside {s['model']}" + (f" vs {s['trained']}" if s.get("trained") else ""), "",
              f"States at the {s['position']}; hidden state 0 = embeddings, {s['num_states'] - 1} = after the final norm.",
              "Prompts (fit / test): " + ", ".join(f"{KIND_TEXT[k]} {v['fit']}/{v['test']}" for k, v in s["prompts"].items())
-             + f". Read-outs fitted on the {s['fit_on']}; every score below is on the test prompts.", ""]
+             + f". Read-outs fitted on the {s['fit_on']}; every score below is on the test prompts."
+             + (" Each prompt's final ?/./! was dropped (a style cue that tells the held-out sets apart)."
+                if s.get("final_punct_stripped") else " Prompts kept their final punctuation."), ""]
     for tag, best in s["best"].items():
         for read, b in best.items():
             name = "difference of means" if read == "diff_means" else "logistic probe"
