@@ -135,3 +135,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir):
         analyze(AnalyzeConfig(compare_to=str(tmp_path / "nope"), output_dir=str(tmp_path)))
     with pytest.raises(RepbendError, match="no config.yaml"):
         analyze(AnalyzeConfig(compare_to=str(tmp_path), output_dir=str(tmp_path / "o")))
+
+
+def test_compare_to_reads_the_base_from_a_training_run_config(tmp_path):
+    from repbend.analysis import _run_base
+
+    (tmp_path / "config.yaml").write_text("model:\n  name: default\n  adapter: null\nmethod: {name: repbend}\n")
+    assert _run_base(tmp_path) == "default"
+    (tmp_path / "config.yaml").write_text("model: some/hub-model\n")
+    assert _run_base(tmp_path) == "some/hub-model"

@@ -55,8 +55,11 @@ def _run_base(run: Path) -> str | None:
     cfg = run / "config.yaml"
     if cfg.is_file():
         data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
-        if isinstance(data, dict) and isinstance(data.get("model"), str):
-            return data["model"]
+        m = data.get("model") if isinstance(data, dict) else None
+        if isinstance(m, dict):      # a training run's config: model.name
+            m = m.get("name")
+        if isinstance(m, str):
+            return m
     return None
 
 
