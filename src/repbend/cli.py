@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "repbend.evaluation.judges.commands",
     "repbend.evaluation.report_commands",
     "repbend.pipeline.commands",
+    "repbend.analysis.commands",
 )
 
 
