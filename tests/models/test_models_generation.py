@@ -88,3 +88,46 @@ def test_training_mode_restored_and_bad_input(tiny_model, tiny_tokenizer):
         generate(tiny_model, tiny_tokenizer, CONVS, ["x"], progress=False)
     with pytest.raises(RepbendError, match="temperature"):
         generate(tiny_model, tiny_tokenizer, CONVS, do_sample=True, temperature=0, progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_loop_engine_matches_model_generate(tiny_model, tiny_tokenizer, batch_size):
+    """The default engine (own decode loop, finished rows dropped) answers exactly like ``model.generate``."""
+    prefills = ["", "Sure", "", "The"]
+    for kw in (dict(max_new_tokens=12), dict(max_new_tokens=9, do_sample=True, temperature=1.3, num_samples=2, seed=3)):
+        loop = generate(tiny_model, tiny_tokenizer, CONVS, prefills, batch_size=batch_size, progress=False, **kw)
+        hf = generate(tiny_model, tiny_tokenizer, CONVS, prefills, batch_size=batch_size, progress=False,
+                      engine="hf", **kw)
+        assert loop == hf
+    with pytest.raises(RepbendError, match="engine"):
+        generate(tiny_model, tiny_tokenizer, CONVS, engine="vroom", progress=False)
+
+
+def test_rows_ending_early_leave_the_batch_without_changing_the_others(tiny_model, tiny_tokenizer):
+    # make the end-of-turn token likely so that rows finish at different steps
+    with torch.no_grad():
+        tiny_model.lm_head.weight[tiny_tokenizer.eos_token_id] *= 0
+        tiny_model.lm_head.bias = None
+    out = generate(tiny_model, tiny_tokenizer, CONVS * 3, max_new_tokens=30, batch_size=12, progress=False)
+    for conv, (text,) in zip(CONVS * 3, out):
+        assert text == reference_greedy(tiny_model, tiny_tokenizer, conv, n=30)
+
+
+def test_request_longer_than_the_context_is_cut_keeping_its_end(tiny_model, tiny_tokenizer):
+    """A huge prompt is cut to the model's context (512 positions here) before generation, with a warning."""
+    question = "What is the capital of France?"
+    long = [{"role": "system", "content": "You are a careful assistant."},
+            {"role": "user", "content": "bread and water " * 40_000 + question}]   # ~640 KB
+    with pytest.warns(UserWarning, match="longer than the model's context"):
+        out = generate(tiny_model, tiny_tokenizer, [long, CONVS[0]], max_new_tokens=8, progress=False)
+    from repbend.models.generation import fit_prompt
+
+    ids, cut = fit_prompt(tiny_tokenizer, long, "", 512 - 8)
+    assert cut and len(ids) <= 512 - 8
+    text = tiny_tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a careful assistant.")            # template + system kept
+    assert text.endswith(question + "<|im_end|>\n<|im_start|>assistant\n")               # the end of the request kept
+    kept = tiny_tokenizer.decode(ids, skip_special_tokens=False)
+    assert reference_greedy(tiny_model, tiny_tokenizer, [long[0], {"role": "user", "content": kept.split(
+        "<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]}], n=8) == out[0][0]
+    assert out[1][0] == reference_greedy(tiny_model, tiny_tokenizer, CONVS[0], n=8)

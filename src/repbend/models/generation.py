@@ -1,7 +1,23 @@
-"""Batched generation: chat template, optional prefill, left padding, KV cache (``model.generate``).
+"""Batched generation: chat template, optional prefill, left padding, KV cache.
 
 Prompts are sorted by length (longest first, so a batch that does not fit in memory fails at once) and
 the answers are returned in input order. Works for plain transformers models and PEFT models.
+
+Engines (``engine=``):
+
+* ``"loop"`` (default): one prefill pass, then one decode pass per new token over a transformers
+  ``DynamicCache``, feeding exactly the inputs ``model.generate`` feeds (2-D mask, position ids from
+  the mask, last-position logits only). A row that has ended is dropped from the batch and its cache
+  rows are released, so the remaining rows stop paying for it, and there is no per-step
+  logits-processor / stopping-criteria machinery. Greedy answers equal ``"hf"``'s up to floating point
+  (a smaller batch may round differently and flip a near-tie; ``benchmarks/bench_generation.py``
+  measures the agreement).
+* ``"hf"``: ``model.generate`` (the reference path; every row runs until the batch's longest answer ends).
+
+Requests longer than the model's context (``max_position_embeddings`` minus ``max_new_tokens``) are
+cut before generation, keeping the END of the longest message (the question usually comes last) and the
+chat template around it intact, with a warning: an unbounded prompt would otherwise try to allocate
+attention for the whole text.
 
 Determinism:
 
@@ -19,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from typing import Sequence
 
 import torch
@@ -80,13 +97,92 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+ENGINES = ("loop", "hf")
+
+
+def context_limit(model) -> int | None:
+    """The model's context length in tokens (``max_position_embeddings``), None when it does not say."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def fit_prompt(tokenizer, messages: list[dict], prefill: str, limit: int) -> tuple[list[int], bool]:
+    """Prompt ids of at most ``limit`` tokens: the longest message's text is cut from its START (its end, the
+    chat template and the other messages stay) until the rendered prompt fits; returns ``(ids, was_cut)``."""
+    ids = prompt_ids(tokenizer, messages, prefill)
+    if len(ids) <= limit:
+        return ids, False
+    msgs = [dict(m) for m in messages]
+    for _ in range(8):  # re-rendering can shift a token or two at the cut: a few rounds converge
+        over = len(ids) - limit
+        if over <= 0:
+            return ids, True
+        j = max(range(len(msgs)), key=lambda k: len(msgs[k].get("content") or ""))
+        text = msgs[j].get("content") or ""
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = len(toks) - over - 2
+        if keep <= 0:
+            raise RepbendError(f"A request cannot be cut to the model's context of {limit} tokens (its chat "
+                               f"template and prefill alone are longer); shorten the prefill or system prompt.")
+        msgs[j]["content"] = tokenizer.decode(toks[-keep:], skip_special_tokens=True)
+        ids = prompt_ids(tokenizer, msgs, prefill)
+    if len(ids) > limit:  # pragma: no cover - pathological tokenizer: cut the ids' middle as a last resort
+        ids = ids[:limit // 2] + ids[len(ids) - (limit - limit // 2):]
+    return ids, True
+
+
+def _loop_generate(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos: set[int],
+                   sampler: "_RowSampler | None") -> list[list[int]]:
+    """Greedy (or per-row sampled) decoding over a DynamicCache, dropping finished rows; new ids per row."""
+    from transformers import DynamicCache
+
+    n = ids.shape[0]
+    cache = DynamicCache(config=getattr(model, "config", None))
+    pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    new: list[list[int]] = [[] for _ in range(n)]
+    alive = list(range(n))                      # original row of each batch row
+    eos_t = torch.tensor(sorted(eos) or [-1], device=ids.device)
+    gens = sampler.generators if sampler is not None else None
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :]
+        if sampler is not None:
+            sampler.generators = [gens[r] for r in alive]
+            logits = sampler(None, logits)
+        nxt = logits.argmax(dim=-1)
+        for b, t in zip(alive, nxt.tolist()):
+            new[b].append(t)
+        if step == max_new_tokens - 1:
+            break
+        keep = ~torch.isin(nxt, eos_t)
+        if not bool(keep.all()):
+            if not bool(keep.any()):
+                break
+            idx = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(idx)
+            alive = [alive[i] for i in idx.tolist()]
+            nxt, attn, pos = nxt[idx], attn[idx], pos[idx]
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+    if sampler is not None:
+        sampler.generators = gens
+    return new
+
+
 def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] | None = None, *,
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             num_samples: int = 1, seed: int = 0, batch_size: int = 8, progress: bool = True) -> list[list[str]]:
+             num_samples: int = 1, seed: int = 0, batch_size: int = 8, progress: bool = True,
+             engine: str = "loop") -> list[list[str]]:
     """Answer each conversation ``num_samples`` times; returns ``texts[conversation][sample]``.
 
     ``conversations``: message lists (``[{"role", "content"}, ...]``) or plain strings (one user turn).
     ``prefills``: text forced as the start of each answer (not included in the returned text).
+    ``engine``: ``"loop"`` (default) or ``"hf"`` (``model.generate``), see the module docstring.
     """
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
@@ -97,11 +193,26 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
         raise RepbendError("max_new_tokens, num_samples and batch_size must all be >= 1.")
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
         raise RepbendError("sampling needs temperature > 0 and 0 < top_p <= 1.")
+    if engine not in ENGINES:
+        raise RepbendError(f"Unknown generation engine {engine!r}; choose one of {', '.join(ENGINES)}.")
     if not conversations:
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [prompt_ids(tokenizer, _as_messages(c), prefills[i] if prefills else "")
-               for i, c in enumerate(conversations)]
+    ctx = context_limit(model)
+    limit = max(1, ctx - max_new_tokens) if ctx else None
+    prompts, cut = [], 0
+    for i, c in enumerate(conversations):
+        msgs, pre = _as_messages(c), prefills[i] if prefills else ""
+        if limit is None:
+            prompts.append(prompt_ids(tokenizer, msgs, pre))
+            continue
+        ids, was_cut = fit_prompt(tokenizer, msgs, pre, limit)
+        prompts.append(ids)
+        cut += was_cut
+    if cut:
+        warnings.warn(f"{cut} of {len(conversations)} requests are longer than the model's context of {ctx} tokens "
+                      f"minus {max_new_tokens} new tokens; their longest message was cut from the start to fit.",
+                      stacklevel=2)
     # Greedy answers do not depend on the sample index: generate each prompt once.
     jobs = [(i, s) for i in range(len(prompts)) for s in range(num_samples if do_sample else 1)]
     jobs.sort(key=lambda j: -len(prompts[j[0]]))
@@ -123,15 +234,20 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
             for r, (i, _) in enumerate(chunk):
                 ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 attn[r, width - len(prompts[i]):] = 1
-            processors = LogitsProcessorList()
+            sampler = None
             if do_sample:
                 gens = [torch.Generator().manual_seed(_row_seed(seed, prompts[i], s)) for i, s in chunk]
-                processors.append(_RowSampler(gens, temperature, top_p))
+                sampler = _RowSampler(gens, temperature, top_p)
             with torch.inference_mode():
-                out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg,
-                                     logits_processor=processors)
+                if engine == "loop":
+                    rows = _loop_generate(model, ids.to(device), attn.to(device), max_new_tokens, eos, sampler)
+                else:
+                    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                         generation_config=cfg,
+                                         logits_processor=LogitsProcessorList([sampler] if sampler else []))
+                    rows = [out[r, width:].tolist() for r in range(len(chunk))]
             for r, job in enumerate(chunk):
-                new = out[r, width:].tolist()
+                new = rows[r]
                 cut = next((k for k, t in enumerate(new) if t in eos), len(new))
                 results[job] = tokenizer.decode(new[:cut], skip_special_tokens=True)
             bar.update(len(chunk))
