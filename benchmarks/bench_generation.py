@@ -190,13 +190,16 @@ def main() -> None:
         prompt_tokens += sum(len(prompt_ids(tok, c.messages, c.prefill)) for c in convs)
         for v in variants:
             before = dict(targets[v].stats)
-            answers[v] += [x[0] for x in targets[v].generate(convs, s)]
+            texts = [x[0] for x in targets[v].generate(convs, s)]
+            answers[v] += texts
             st = targets[v].stats
             per_label.setdefault(label, {})[f"{v[0]}/{v[1]}"] = {
                 "requests": len(convs), "seconds": round(st["seconds"] - before["seconds"], 2),
-                "new_tokens": st["new_tokens"] - before["new_tokens"]}
-        print(f"{label:28s} " + "  ".join(f"{k} {r['seconds']:7.1f}s {r['new_tokens'] / max(r['seconds'], 1e-9):6.1f} tok/s"
-                                          for k, r in per_label[label].items()), flush=True)
+                "new_tokens": st["new_tokens"] - before["new_tokens"],
+                "same_as_first": sum(a == b for a, b in zip(texts, answers[variants[0]][-len(convs):]))}
+        print(f"{label:24s} n={len(convs):3d} " + "  ".join(
+            f"{k} {r['seconds']:6.1f}s {r['new_tokens'] / max(r['seconds'], 1e-9):6.1f} tok/s same {r['same_as_first']}"
+            for k, r in per_label[label].items()) + f"  load {os.getloadavg()[0]:.1f}", flush=True)
 
     n_req = sum(len(c) for _, c, _ in work)
     ctx = prompt_tokens / max(1, n_req) + args.max_new_tokens / 2

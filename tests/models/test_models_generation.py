@@ -90,12 +90,14 @@ def test_training_mode_restored_and_bad_input(tiny_model, tiny_tokenizer):
         generate(tiny_model, tiny_tokenizer, CONVS, do_sample=True, temperature=0, progress=False)
 
 
+@pytest.mark.parametrize("engine", ["loop", "cb"])
 @pytest.mark.parametrize("batch_size", [1, 3, 4])
-def test_loop_engine_matches_model_generate(tiny_model, tiny_tokenizer, batch_size):
-    """The default engine (own decode loop, finished rows dropped) answers exactly like ``model.generate``."""
+def test_own_engines_match_model_generate(tiny_model, tiny_tokenizer, batch_size, engine):
+    """The own decode loop (finished rows dropped) and continuous batching answer exactly like ``model.generate``."""
     prefills = ["", "Sure", "", "The"]
     for kw in (dict(max_new_tokens=12), dict(max_new_tokens=9, do_sample=True, temperature=1.3, num_samples=2, seed=3)):
-        loop = generate(tiny_model, tiny_tokenizer, CONVS, prefills, batch_size=batch_size, progress=False, **kw)
+        loop = generate(tiny_model, tiny_tokenizer, CONVS, prefills, batch_size=batch_size, progress=False,
+                        engine=engine, **kw)
         hf = generate(tiny_model, tiny_tokenizer, CONVS, prefills, batch_size=batch_size, progress=False,
                       engine="hf", **kw)
         assert loop == hf
@@ -103,13 +105,18 @@ def test_loop_engine_matches_model_generate(tiny_model, tiny_tokenizer, batch_si
         generate(tiny_model, tiny_tokenizer, CONVS, engine="vroom", progress=False)
 
 
-def test_rows_ending_early_leave_the_batch_without_changing_the_others(tiny_model, tiny_tokenizer):
-    # make the end-of-turn token likely so that rows finish at different steps
-    with torch.no_grad():
-        tiny_model.lm_head.weight[tiny_tokenizer.eos_token_id] *= 0
-        tiny_model.lm_head.bias = None
-    out = generate(tiny_model, tiny_tokenizer, CONVS * 3, max_new_tokens=30, batch_size=12, progress=False)
-    for conv, (text,) in zip(CONVS * 3, out):
+@pytest.mark.parametrize("engine", ["loop", "cb"])
+def test_rows_ending_early_leave_the_batch_without_changing_the_others(tiny_model, tiny_tokenizer, engine):
+    # raise the end-of-turn logit so that rows finish at different steps
+    eos = torch.tensor([tiny_tokenizer.eos_token_id])
+    tiny_model.lm_head.register_forward_hook(
+        lambda mod, inp, out: out.index_add(-1, eos, torch.full(out.shape[:-1] + (1,), 0.5)))
+    convs = CONVS * 3 + [f"Tell me about {w} bread." for w in ("rye", "white", "sourdough", "corn", "flat")]
+    out = generate(tiny_model, tiny_tokenizer, convs, max_new_tokens=30, batch_size=4 if engine == "cb" else 12,
+                   progress=False, engine=engine)
+    lengths = {len(tiny_tokenizer(t[0])["input_ids"]) for t in out}
+    assert len(lengths) > 2, "the test needs answers of different lengths"
+    for conv, (text,) in zip(convs, out):
         assert text == reference_greedy(tiny_model, tiny_tokenizer, conv, n=30)
 
 

@@ -12,6 +12,11 @@ Engines (``engine=``):
   logits-processor / stopping-criteria machinery. Greedy answers equal ``"hf"``'s up to floating point
   (a smaller batch may round differently and flip a near-tie; ``benchmarks/bench_generation.py``
   measures the agreement).
+* ``"cb"``: continuous batching on the same loop: ``batch_size`` slots over ALL requests of the call;
+  when a quarter of the slots have ended, the next requests are prefilled and merged into the running
+  cache (left-padded; columns no row needs any more are trimmed), so the batch stays full instead of
+  waiting for its longest answer. Same agreement caveat as ``"loop"``. Needs plain ``DynamicLayer``
+  caches (no sliding window); other models fall back to ``"loop"``.
 * ``"hf"``: ``model.generate`` (the reference path; every row runs until the batch's longest answer ends).
 
 Requests longer than the model's context (``max_position_embeddings`` minus ``max_new_tokens``) are
@@ -97,7 +102,7 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-ENGINES = ("loop", "hf")
+ENGINES = ("loop", "cb", "hf")
 
 
 def context_limit(model) -> int | None:
@@ -174,6 +179,104 @@ def _loop_generate(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens:
     return new
 
 
+def _cb_generate(model, prompts: list[list[int]], pad_id: int, slots: int, max_new_tokens: int, eos: set[int],
+                 device, gens: list | None, sampler_args: tuple, on_done=None) -> list[list[int]] | None:
+    """Continuous batching over ``prompts`` (served in the given order); new ids per prompt, or None when the
+    model's cache layers cannot be merged (the caller then uses the plain loop)."""
+    from collections import deque
+
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cfg = getattr(model, "config", None)
+    new: list[list[int]] = [[] for _ in prompts]
+    queue = deque(range(len(prompts)))
+    eos_t = torch.tensor(sorted(eos) or [-1], device=device)
+    cache = attn = pos = nxt = None
+    alive: list[int] = []
+
+    def pick(logits, rows):
+        if gens is not None:
+            logits = _RowSampler([gens[j] for j in rows], *sampler_args)(None, logits)
+        return logits.argmax(dim=-1)
+
+    def finished(j, t):
+        return t in eos or len(new[j]) >= max_new_tokens
+
+    def layers(c):
+        return c.layers if all(type(x) is DynamicLayer for x in c.layers) else None
+
+    while queue or alive:
+        free = slots - len(alive)
+        if queue and (not alive or free >= max(1, slots // 4)):
+            take = [queue.popleft() for _ in range(min(free, len(queue)))]
+            width = max(len(prompts[j]) for j in take)
+            ids = torch.full((len(take), width), pad_id, dtype=torch.long)
+            m = torch.zeros((len(take), width), dtype=torch.long)
+            for r, j in enumerate(take):
+                ids[r, width - len(prompts[j]):] = torch.tensor(prompts[j])
+                m[r, width - len(prompts[j]):] = 1
+            ids, m = ids.to(device), m.to(device)
+            c2 = DynamicCache(config=cfg)
+            p2 = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
+            out = model(input_ids=ids, attention_mask=m, position_ids=p2, cache=c2, use_cache=True, logits_to_keep=1)
+            if layers(c2) is None:
+                return None
+            t2 = pick(out.logits[:, -1, :], take)
+            for j, t in zip(take, t2.tolist()):
+                new[j].append(t)
+            keep = [r for r, j in enumerate(take) if not finished(j, new[j][-1])]
+            for r, j in enumerate(take):
+                if r not in keep and on_done:
+                    on_done(1)
+            if keep:
+                k = torch.tensor(keep, device=device)
+                c2.batch_select_indices(k)
+                m, p2, t2 = m[k], p2[k][:, -1:], t2[k]
+                if alive:  # merge: left-pad the shorter side, then stack the rows
+                    T, W = attn.shape[1], m.shape[1]
+                    for a, b in zip(layers(cache), layers(c2)):
+                        for name in ("keys", "values"):
+                            x, y = getattr(a, name), getattr(b, name)
+                            if W > T:
+                                x = torch.nn.functional.pad(x, (0, 0, W - T, 0))
+                            elif T > W:
+                                y = torch.nn.functional.pad(y, (0, 0, T - W, 0))
+                            setattr(a, name, torch.cat([x, y], dim=0))
+                    L = max(T, W)
+                    attn = torch.cat([torch.nn.functional.pad(attn, (L - T, 0)), torch.nn.functional.pad(m, (L - W, 0))])
+                    pos, nxt = torch.cat([pos, p2]), torch.cat([nxt, t2])
+                else:
+                    cache, attn, pos, nxt = c2, m, p2, t2
+                alive += [take[r] for r in keep]
+        if not alive:
+            continue
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        nxt = pick(out.logits[:, -1, :], alive)
+        for j, t in zip(alive, nxt.tolist()):
+            new[j].append(t)
+        keep = [r for r, j in enumerate(alive) if not finished(j, new[j][-1])]
+        if len(keep) < len(alive):
+            if on_done:
+                on_done(len(alive) - len(keep))
+            if not keep:
+                alive, cache = [], None
+                continue
+            k = torch.tensor(keep, device=device)
+            cache.batch_select_indices(k)
+            attn, pos, nxt = attn[k], pos[k], nxt[k]
+            alive = [alive[r] for r in keep]
+            first = int(attn.argmax(dim=-1).min())      # columns every remaining row masks out
+            if first > 0:
+                for a in layers(cache):
+                    a.keys, a.values = a.keys[:, :, first:], a.values[:, :, first:]
+                attn = attn[:, first:]
+    return new
+
+
 def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] | None = None, *,
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              num_samples: int = 1, seed: int = 0, batch_size: int = 8, progress: bool = True,
@@ -226,8 +329,22 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
     model.eval()
     bar = tqdm(total=len(jobs), desc="generate", unit="seq", disable=not progress)
     try:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
+        rows_cb = None
+        if engine == "cb":
+            gens = ([torch.Generator().manual_seed(_row_seed(seed, prompts[i], s)) for i, s in jobs]
+                    if do_sample else None)
+            with torch.inference_mode():
+                rows_cb = _cb_generate(model, [prompts[i] for i, _ in jobs], pad_id, batch_size, max_new_tokens, eos,
+                                       device, gens, (temperature, top_p), bar.update)
+        if rows_cb is not None:
+            for job, new in zip(jobs, rows_cb):
+                cut = next((k for k, t in enumerate(new) if t in eos), len(new))
+                results[job] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+            jobs_left: list = []
+        else:
+            jobs_left = jobs
+        for start in range(0, len(jobs_left), batch_size):
+            chunk = jobs_left[start:start + batch_size]
             width = max(len(prompts[i]) for i, _ in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attn = torch.zeros((len(chunk), width), dtype=torch.long)
