@@ -81,7 +81,7 @@ def test_build_writes_valid_rows_manifest_and_is_deterministic(fixture_sources, 
 
 
 def test_interrupted_build_resumes_without_regenerating(fixture_sources, tiny_model_dir, tmp_path, monkeypatch):
-    cfg = small_config(tiny_model_dir)
+    cfg = small_config(tiny_model_dir, **{"generation.batch_size": 1})   # 4 batches of 1 per generator call
     build_dataset(cfg, tmp_path / "ref", progress=False)
     real = build_mod.generate
     seen: list[str] = []

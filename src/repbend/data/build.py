@@ -40,6 +40,7 @@ from repbend.io import (append_jsonl, atomic_write_json, package_versions, read_
 FORMAT = "repbend-built-dataset/1"
 STATE = ".build.json"
 CHECKPOINT = "generations.jsonl"
+WINDOW = 4   # batches per generator call (and per window of the seeded order with rows_needed)
 OUR_FILES = ("train.jsonl", "val.jsonl", "decontam.jsonl", CHECKPOINT, "config.yaml", "run_info.json",
              "manifest.json", STATE)
 
@@ -151,9 +152,10 @@ def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, 
     g = cfg.generation
     unique = sorted({(t, n) for t, n in jobs}, key=lambda j: (j[1], -len(j[0]), j[0]))
     chunks = []
-    for n in sorted({n for _, n in unique}):  # fixed batches (resume regenerates identical batches)
+    per_call = WINDOW * g.batch_size   # one generator call: a few batches (continuous batching refills across them)
+    for n in sorted({n for _, n in unique}):  # fixed chunks (resume regenerates identical chunks)
         group = [j for j in unique if j[1] == n]
-        chunks += [group[i:i + g.batch_size] for i in range(0, len(group), g.batch_size)]
+        chunks += [group[i:i + per_call] for i in range(0, len(group), per_call)]
     todo = [c for c in chunks if any(_key(t, n) not in done for t, n in c)]
     bar = tqdm(total=len(unique), initial=len(unique) - sum(map(len, todo)), desc="answer requests", unit="req",
                disable=not progress)
@@ -162,7 +164,7 @@ def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, 
             start = time.perf_counter()
             texts = generate(model, tokenizer, [[{"role": "user", "content": t}] for t, _ in chunk],
                              max_new_tokens=chunk[0][1], do_sample=g.do_sample, temperature=g.temperature,
-                             top_p=g.top_p, seed=cfg.seed, batch_size=len(chunk), progress=False)
+                             top_p=g.top_p, seed=cfg.seed, batch_size=g.batch_size, progress=False)
             share = round((time.perf_counter() - start) / len(chunk), 3)  # seconds per request (timings)
             for (t, n), outs in zip(chunk, texts):
                 k = _key(t, n)
@@ -203,7 +205,7 @@ def answer_budgeted(model, tokenizer, data: dict, ckpt: Path, cfg: DataBuildConf
     n_new = {"harmful": g.max_new_tokens_harmful, "benign": g.max_new_tokens_benign}
     taken = {"harmful": 0, "benign": 0}
     answers: dict[str, str] = {}
-    window = 4 * g.batch_size
+    window = WINDOW * g.batch_size
 
     def used() -> dict:
         ids = {k: {r["id"] for r in order[k][:taken[k]]} for k in taken}
