@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--suite", default="quick")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--group", type=int, default=4, help="batches per generator call (ModelTarget group)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many requests per attack (0 = all)")
     ap.add_argument("--only", default="", help="comma-separated workload labels to keep (e.g. direct,templates)")
     ap.add_argument("--build", type=int, default=0, help="also N harmful + N benign data-build requests")
@@ -180,7 +181,7 @@ def main() -> None:
     for e, dt in variants:
         m, t = models[dt]
         targets[(e, dt)] = ModelTarget(
-            m, t, Store(tmp / f"{e}-{dt}.jsonl"), batch_size=args.batch, fingerprint=f"{e}-{dt}", progress=False,
+            m, t, Store(tmp / f"{e}-{dt}.jsonl"), batch_size=args.batch, fingerprint=f"{e}-{dt}", progress=False, group=args.group,
             generate_fn=lambda *a, _e=e, **kw: generate(*a, engine=_e, **kw))
     answers: dict = {v: [] for v in variants}
     prompt_tokens = 0
