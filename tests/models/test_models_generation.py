@@ -105,6 +105,15 @@ def test_own_engines_match_model_generate(tiny_model, tiny_tokenizer, batch_size
         generate(tiny_model, tiny_tokenizer, CONVS, engine="vroom", progress=False)
 
 
+def test_engine_from_environment(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("REPBEND_GENERATION_ENGINE", "vroom")
+    with pytest.raises(RepbendError, match="REPBEND_GENERATION_ENGINE"):
+        generate(tiny_model, tiny_tokenizer, CONVS, progress=False)
+    monkeypatch.setenv("REPBEND_GENERATION_ENGINE", "hf")
+    assert generate(tiny_model, tiny_tokenizer, CONVS, max_new_tokens=5, progress=False) == \
+        generate(tiny_model, tiny_tokenizer, CONVS, max_new_tokens=5, progress=False, engine="loop")
+
+
 @pytest.mark.parametrize("engine", ["loop", "cb"])
 def test_rows_ending_early_leave_the_batch_without_changing_the_others(tiny_model, tiny_tokenizer, engine):
     # raise the end-of-turn logit so that rows finish at different steps

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import warnings
 from typing import Sequence
 
@@ -103,6 +104,8 @@ def _model_device(model) -> torch.device:
 
 
 ENGINES = ("loop", "cb", "hf")
+DEFAULT_ENGINE = "loop"
+ENGINE_ENV = "REPBEND_GENERATION_ENGINE"   # overrides the default engine (e.g. hf to compare with model.generate)
 
 
 def context_limit(model) -> int | None:
@@ -280,12 +283,13 @@ def _cb_generate(model, prompts: list[list[int]], pad_id: int, slots: int, max_n
 def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] | None = None, *,
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              num_samples: int = 1, seed: int = 0, batch_size: int = 8, progress: bool = True,
-             engine: str = "loop") -> list[list[str]]:
+             engine: str | None = None) -> list[list[str]]:
     """Answer each conversation ``num_samples`` times; returns ``texts[conversation][sample]``.
 
     ``conversations``: message lists (``[{"role", "content"}, ...]``) or plain strings (one user turn).
     ``prefills``: text forced as the start of each answer (not included in the returned text).
-    ``engine``: ``"loop"`` (default) or ``"hf"`` (``model.generate``), see the module docstring.
+    ``engine``: ``"loop"``, ``"cb"`` or ``"hf"`` (``model.generate``), see the module docstring; None = the
+    ``REPBEND_GENERATION_ENGINE`` environment variable, else :data:`DEFAULT_ENGINE`.
     """
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
@@ -296,8 +300,11 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
         raise RepbendError("max_new_tokens, num_samples and batch_size must all be >= 1.")
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
         raise RepbendError("sampling needs temperature > 0 and 0 < top_p <= 1.")
+    if engine is None:
+        engine = os.environ.get(ENGINE_ENV) or DEFAULT_ENGINE
     if engine not in ENGINES:
-        raise RepbendError(f"Unknown generation engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+        raise RepbendError(f"Unknown generation engine {engine!r} (argument or {ENGINE_ENV}); choose one of "
+                           f"{', '.join(ENGINES)}.")
     if not conversations:
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
