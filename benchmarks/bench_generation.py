@@ -144,7 +144,8 @@ def matmul_rate(m: int, k: int, n: int, seconds: float = 1.0) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--engines", default="hf,loop", help="generation engines, the first is the agreement reference")
+    ap.add_argument("--engines", default="hf,loop", help="generation engines, the first is the agreement reference; "
+                                                         "engine@N runs that engine with batch size N")
     ap.add_argument("--dtypes", default="float32", help="float32[,bfloat16]: extra dtypes run with the first engine")
     ap.add_argument("--suite", default="quick")
     ap.add_argument("--batch", type=int, default=16)
@@ -180,9 +181,10 @@ def main() -> None:
     targets = {}
     for e, dt in variants:
         m, t = models[dt]
+        name, _, bs = e.partition("@")       # engine@N: this variant generates N rows per batch
         targets[(e, dt)] = ModelTarget(
-            m, t, Store(tmp / f"{e}-{dt}.jsonl"), batch_size=args.batch, fingerprint=f"{e}-{dt}", progress=False, group=args.group,
-            generate_fn=lambda *a, _e=e, **kw: generate(*a, engine=_e, **kw))
+            m, t, Store(tmp / f"{e}-{dt}.jsonl"), batch_size=int(bs or args.batch), fingerprint=f"{e}-{dt}",
+            progress=False, group=args.group, generate_fn=lambda *a, _e=name, **kw: generate(*a, engine=_e, **kw))
     answers: dict = {v: [] for v in variants}
     prompt_tokens = 0
     per_label: dict = {}

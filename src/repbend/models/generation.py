@@ -5,7 +5,7 @@ the answers are returned in input order. Works for plain transformers models and
 
 Engines (``engine=``):
 
-* ``"loop"`` (default): one prefill pass, then one decode pass per new token over a transformers
+* ``"loop"``: one prefill pass, then one decode pass per new token over a transformers
   ``DynamicCache``, feeding exactly the inputs ``model.generate`` feeds (2-D mask, position ids from
   the mask, last-position logits only). A row that has ended is dropped from the batch and its cache
   rows are released, so the remaining rows stop paying for it, and there is no per-step
@@ -17,7 +17,11 @@ Engines (``engine=``):
   cache (left-padded; columns no row needs any more are trimmed), so the batch stays full instead of
   waiting for its longest answer. Same agreement caveat as ``"loop"``. Needs plain ``DynamicLayer``
   caches (no sliding window); other models fall back to ``"loop"``.
-* ``"hf"``: ``model.generate`` (the reference path; every row runs until the batch's longest answer ends).
+* ``"hf"`` (default): ``model.generate`` (every row runs until the batch's longest answer ends).
+
+The default is ``"hf"``: on the quick suite's requests the three engines gave identical answers and the
+same speed within noise at batch 16 on a 2-core CPU (``benchmarks/bench_generation.py``, docs/PERFORMANCE.md);
+the batch size, not the engine, moved throughput there. ``REPBEND_GENERATION_ENGINE`` or ``engine=`` picks another.
 
 Requests longer than the model's context (``max_position_embeddings`` minus ``max_new_tokens``) are
 cut before generation, keeping the END of the longest message (the question usually comes last) and the
@@ -104,7 +108,7 @@ def _model_device(model) -> torch.device:
 
 
 ENGINES = ("loop", "cb", "hf")
-DEFAULT_ENGINE = "loop"
+DEFAULT_ENGINE = "hf"      # measured no faster than the own engines at batch 16 (docs/PERFORMANCE.md); most compatible
 ENGINE_ENV = "REPBEND_GENERATION_ENGINE"   # overrides the default engine (e.g. hf to compare with model.generate)
 
 
