@@ -15,7 +15,10 @@ tokens/s (real, non-padding tokens), peak RSS and the ratios. Memory: the refere
 512 + 512 and batch 2 per split peaks near 20 GB of RAM without gradient checkpointing (full logits
 and activations of 6 x 1024-token rows); on a small machine pass --grad-checkpointing (both variants).
 
-    python benchmarks/bench_train_step.py [--data data/built-default] [--batch 2] [--steps 1]
+With ``--sft`` a third variant times plain supervised fine-tuning (response cross-entropy) of the same
+trainable weights on the same rows, one padded batch, and prints the RepBend / SFT step-time ratio.
+
+    python benchmarks/bench_train_step.py [--data data/built-default] [--batch 2] [--steps 1] [--sft]
 """
 from __future__ import annotations
 
@@ -90,6 +93,23 @@ def engine_step_fn(model, tok, method):
     return lambda items: run.loss(items, 0.0)[0]
 
 
+def sft_step_fn(model, tok):
+    """Plain supervised fine-tuning on the same rows (the model's trainable weights as set up here): every split's
+    rows in ONE dynamically padded batch, next-token cross-entropy on the response tokens, no reference pass."""
+    import torch
+
+    from repbend.training.data import collate_splits
+
+    def step(items):
+        b, _ = collate_splits({s: items[s] for s in ("safe", "unsafe", "retain")}, tok.pad_token_id)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits[:, :-1]
+        target = b.input_ids[:, 1:]
+        mask = b.response_mask[:, 1:].bool()
+        return torch.nn.functional.cross_entropy(logits[mask], target[mask])
+
+    return step
+
+
 def fixed_pad(items, pad_id, req_w, resp_w):
     """Request left-padded to req_w, response right-padded to resp_w: (ids, attention, positions, response mask)."""
     import torch
@@ -149,8 +169,12 @@ def child(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     model, tok, method, opt = build(args)
     items = samples(args, tok)
-    step = engine_step_fn(model, tok, method) if args.variant == "engine" else \
-        reference_step_fn(model, tok, method, args.max_request, args.max_response)
+    if args.variant == "engine":
+        step = engine_step_fn(model, tok, method)
+    elif args.variant == "sft":
+        step = sft_step_fn(model, tok)
+    else:
+        step = reference_step_fn(model, tok, method, args.max_request, args.max_response)
     losses, times, cpu, gnorms = [], [], [], []
     for i in range(args.steps + 1):  # step 0 = warm-up (its loss is the one compared: same weights in both)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -177,7 +201,8 @@ def main() -> None:
     ap.add_argument("--max-response", type=int, default=512, help="Response width (reference pads to it).")
     ap.add_argument("--grad-checkpointing", action="store_true", help="Enable gradient checkpointing in both.")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per variant (0 = torch's default).")
-    ap.add_argument("--variant", choices=["engine", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=["engine", "reference", "sft"], help=argparse.SUPPRESS)
+    ap.add_argument("--sft", action="store_true", help="Also time plain SFT on the same rows (RepBend / SFT ratio).")
     ap.add_argument("--reuse", nargs="*", default=[], metavar="VARIANT=FILE",
                     help="Take a variant's result from FILE (its JSON line) instead of running it again.")
     args = ap.parse_args()
@@ -185,7 +210,7 @@ def main() -> None:
     if args.variant:
         return child(args)
     res = {}
-    for variant in ("engine", "reference"):
+    for variant in ("engine", "reference") + (("sft",) if args.sft else ()):
         if args.reuse and variant in args.reuse:  # a variant's JSON line from an earlier run (same args)
             res[variant] = json.loads(Path(args.reuse[variant]).read_text().strip().splitlines()[-1])
             continue
@@ -208,6 +233,10 @@ def main() -> None:
               f"{x['maxrss_mb']:>12.0f} {x['losses'][0]:>16.8f}")
     print(f"speed-up (reference / engine step time): {timed(r) / timed(e):.2f}x wall, "
           f"{timed(r, 'cpu') / timed(e, 'cpu'):.2f}x CPU time (robust when the machine is shared)")
+    if "sft" in res:
+        f = res["sft"]
+        print(f"RepBend engine / plain SFT step time: {timed(e) / timed(f):.2f}x wall, "
+              f"{timed(e, 'cpu') / timed(f, 'cpu'):.2f}x CPU time (goal: at most 1.5x)")
     print(f"peak memory ratio (engine / reference): {e['maxrss_mb'] / r['maxrss_mb']:.2f}")
     print(f"loss relative difference: {rel:.2e} (must be < 1e-4); grad-norm relative difference: {grel:.2e}")
     if rel >= 1e-4:

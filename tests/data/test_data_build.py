@@ -81,7 +81,7 @@ def test_build_writes_valid_rows_manifest_and_is_deterministic(fixture_sources, 
 
 
 def test_interrupted_build_resumes_without_regenerating(fixture_sources, tiny_model_dir, tmp_path, monkeypatch):
-    cfg = small_config(tiny_model_dir)
+    cfg = small_config(tiny_model_dir, **{"generation.batch_size": 1})   # 4 batches of 1 per generator call
     build_dataset(cfg, tmp_path / "ref", progress=False)
     real = build_mod.generate
     seen: list[str] = []
@@ -209,3 +209,38 @@ def test_cli_build_and_show(fixture_sources, tiny_model_dir, tmp_path, capsys):
                   "generation.batch_size=0"])
     assert e.value.code == 2
     assert "generation.batch_size" in capsys.readouterr().err
+
+
+def test_budgeted_build_answers_only_what_training_draws_and_extends(fixture_sources, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """rows_needed: requests are answered window by window in a seeded order until the draws are covered; a larger
+    budget extends the same folder, answering only new requests, with the earlier answers unchanged."""
+    real, asked = build_mod.generate, []
+
+    def counting(model, tok, convs, **kw):
+        asked.extend(c[0]["content"] for c in convs)
+        return real(model, tok, convs, **kw)
+
+    monkeypatch.setattr(build_mod, "generate", counting)
+    small = small_config(tiny_model_dir, **{"generation.batch_size": 1, "rows_needed": "{safe: 1, unsafe: 1, "
+                                                                                        "retain: 1, margin: 0}"})
+    m1 = build_dataset(small, tmp_path / "run", progress=False)
+    req = m1["requests"]
+    assert req["harmful_requests"] + req["unanswered_harmful"] == 6 and req["unanswered_harmful"] > 0
+    assert req["benign_requests"] + req["unanswered_benign"] == 8 and req["unanswered_benign"] > 0
+    assert len(asked) == req["harmful_requests"] + req["benign_requests"] < 14
+    rows1 = {r["id"]: r for r in load_built(tmp_path / "run").train + load_built(tmp_path / "run").val}
+    assert sum(r["split"] == "unsafe" for r in rows1.values()) >= 2 and m1["rows_needed"]["unsafe"] == 1
+
+    big = small.model_copy(update={"rows_needed": small.rows_needed.model_copy(update={"unsafe": 50, "retain": 50})})
+    first = list(asked)
+    m2 = build_dataset(big, tmp_path / "run", progress=False)            # same folder: extended, not refused
+    assert not set(first) & set(asked[len(first):]), "answers of the smaller build were generated again"
+    assert m2["requests"]["unanswered_harmful"] == 0 and m2["requests"]["unanswered_benign"] == 0
+    rows2 = {r["id"]: r for r in load_built(tmp_path / "run").train + load_built(tmp_path / "run").val}
+    assert all(rows2[k]["response"] == r["response"] for k, r in rows1.items() if k in rows2)
+    assert set(rows1) <= set(rows2)
+    build_dataset(big, tmp_path / "fresh", progress=False)              # a fresh build of the larger budget
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert build_dataset(big, tmp_path / "run", progress=False)["rows_needed"] == m2["rows_needed"]

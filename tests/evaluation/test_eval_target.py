@@ -93,3 +93,11 @@ def test_fingerprint_changes_with_weights(tiny_model, tiny_tokenizer):
     with torch.no_grad():
         next(tiny_model.parameters()).view(-1)[0] += 1.0
     assert fingerprint_model(tiny_model, "m") != a
+
+
+def test_group_hands_several_batches_to_one_call_with_the_same_answers(tiny_model, tiny_tokenizer, tmp_path):
+    one, grouped = CountingGenerate(), CountingGenerate()
+    a = _target(tiny_model, tiny_tokenizer, tmp_path / "a.jsonl", one).generate(_convs(5))
+    b = _target(tiny_model, tiny_tokenizer, tmp_path / "b.jsonl", grouped, group=2).generate(_convs(5))
+    assert (one.calls, grouped.calls) == (3, 2) and grouped.sequences == 5      # 2 batches of 2 per call, then 1
+    assert a == b

@@ -88,3 +88,62 @@ def test_training_mode_restored_and_bad_input(tiny_model, tiny_tokenizer):
         generate(tiny_model, tiny_tokenizer, CONVS, ["x"], progress=False)
     with pytest.raises(RepbendError, match="temperature"):
         generate(tiny_model, tiny_tokenizer, CONVS, do_sample=True, temperature=0, progress=False)
+
+
+@pytest.mark.parametrize("engine", ["loop", "cb"])
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_own_engines_match_model_generate(tiny_model, tiny_tokenizer, batch_size, engine):
+    """The own decode loop (finished rows dropped) and continuous batching answer exactly like ``model.generate``."""
+    prefills = ["", "Sure", "", "The"]
+    for kw in (dict(max_new_tokens=12), dict(max_new_tokens=9, do_sample=True, temperature=1.3, num_samples=2, seed=3)):
+        loop = generate(tiny_model, tiny_tokenizer, CONVS, prefills, batch_size=batch_size, progress=False,
+                        engine=engine, **kw)
+        hf = generate(tiny_model, tiny_tokenizer, CONVS, prefills, batch_size=batch_size, progress=False,
+                      engine="hf", **kw)
+        assert loop == hf
+    with pytest.raises(RepbendError, match="engine"):
+        generate(tiny_model, tiny_tokenizer, CONVS, engine="vroom", progress=False)
+
+
+def test_engine_from_environment(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("REPBEND_GENERATION_ENGINE", "vroom")
+    with pytest.raises(RepbendError, match="REPBEND_GENERATION_ENGINE"):
+        generate(tiny_model, tiny_tokenizer, CONVS, progress=False)
+    monkeypatch.setenv("REPBEND_GENERATION_ENGINE", "hf")
+    assert generate(tiny_model, tiny_tokenizer, CONVS, max_new_tokens=5, progress=False) == \
+        generate(tiny_model, tiny_tokenizer, CONVS, max_new_tokens=5, progress=False, engine="loop")
+
+
+@pytest.mark.parametrize("engine", ["loop", "cb"])
+def test_rows_ending_early_leave_the_batch_without_changing_the_others(tiny_model, tiny_tokenizer, engine):
+    # raise the end-of-turn logit so that rows finish at different steps
+    eos = torch.tensor([tiny_tokenizer.eos_token_id])
+    tiny_model.lm_head.register_forward_hook(
+        lambda mod, inp, out: out.index_add(-1, eos, torch.full(out.shape[:-1] + (1,), 0.5)))
+    convs = CONVS * 3 + [f"Tell me about {w} bread." for w in ("rye", "white", "sourdough", "corn", "flat")]
+    out = generate(tiny_model, tiny_tokenizer, convs, max_new_tokens=30, batch_size=4 if engine == "cb" else 12,
+                   progress=False, engine=engine)
+    lengths = {len(tiny_tokenizer(t[0])["input_ids"]) for t in out}
+    assert len(lengths) > 2, "the test needs answers of different lengths"
+    for conv, (text,) in zip(convs, out):
+        assert text == reference_greedy(tiny_model, tiny_tokenizer, conv, n=30)
+
+
+def test_request_longer_than_the_context_is_cut_keeping_its_end(tiny_model, tiny_tokenizer):
+    """A huge prompt is cut to the model's context (512 positions here) before generation, with a warning."""
+    question = "What is the capital of France?"
+    long = [{"role": "system", "content": "You are a careful assistant."},
+            {"role": "user", "content": "bread and water " * 40_000 + question}]   # ~640 KB
+    with pytest.warns(UserWarning, match="longer than the model's context"):
+        out = generate(tiny_model, tiny_tokenizer, [long, CONVS[0]], max_new_tokens=8, progress=False)
+    from repbend.models.generation import fit_prompt
+
+    ids, cut = fit_prompt(tiny_tokenizer, long, "", 512 - 8)
+    assert cut and len(ids) <= 512 - 8
+    text = tiny_tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a careful assistant.")            # template + system kept
+    assert text.endswith(question + "<|im_end|>\n<|im_start|>assistant\n")               # the end of the request kept
+    kept = tiny_tokenizer.decode(ids, skip_special_tokens=False)
+    assert reference_greedy(tiny_model, tiny_tokenizer, [long[0], {"role": "user", "content": kept.split(
+        "<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]}], n=8) == out[0][0]
+    assert out[1][0] == reference_greedy(tiny_model, tiny_tokenizer, CONVS[0], n=8)

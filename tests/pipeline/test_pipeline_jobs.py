@@ -151,3 +151,36 @@ def test_train_stages_get_the_pipeline_values_then_the_users_overrides(tmp_path)
     train = next(s for s in plan(cfg) if s.name.startswith("train"))
     assert train.fingerprint["train"]["data"]["dir"] == str(tmp_path / "yes" / "data")
     assert train.fingerprint["train"]["training"]["max_steps"] == 3
+
+
+def test_summary_shows_stage_times_and_generation_speed(tmp_path):
+    res = _results(1.0, 1.0, 1.0, 0.3)
+    res["meta"] = {"generation": {"tokens_per_s": 123.4, "generated": 50, "seconds": 20.0}}
+    (tmp_path / "eval-original").mkdir()
+    (tmp_path / "eval-original" / "results.json").write_text(json.dumps(res))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(
+        {"timings": {"generate_s": 5.0, "generate_s_all_sessions": 40.0},
+         "outputs": {"generations.jsonl": {"rows": 80}}}))
+    out = summarise({"original": [tmp_path / "eval-original"]}, tmp_path / "report",
+                    timings={"build data": 60.0, "evaluate eval-original": 30.0}, data_dir=tmp_path / "data")
+    md = out["markdown"]
+    assert "| **total** | **90** |" in md
+    assert "| build data | 80 | 40 | 2.00 | – |" in md
+    assert "| evaluate eval-original | 50 | 20 | 2.50 | 123.4 |" in md
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["generation"]["build data"]["requests"] == 80
+
+
+def test_demo_builds_only_the_rows_its_training_draws(tmp_path):
+    def stages(overrides, **extra):
+        cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides, **extra})
+        return {s.name: s for s in plan(cfg)}
+
+    short = stages(["training.max_steps=10"], build_only_needed=True)
+    budget = short["build data"].fingerprint["data"]["rows_needed"]
+    assert budget == {"safe": 20, "unsafe": 20, "retain": 20, "margin": 0.25}    # 10 steps x 2 rows per split
+    longer = stages(["training.max_steps=30"], build_only_needed=True)
+    assert longer["build data"].fingerprint["data"]["rows_needed"]["unsafe"] == 60   # more steps extend the build
+    assert longer["train repbend seed 0"].fingerprint["data"] == longer["build data"].fingerprint["data"]
+    everything = stages([])   # the default: the whole pool (the shipped results were built so)
+    assert everything["build data"].fingerprint["data"]["rows_needed"] is None

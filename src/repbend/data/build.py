@@ -6,7 +6,12 @@ Steps (docs/DATA.md):
 2. drop training requests that match an evaluation prompt (:mod:`repbend.data.decontam`), then cap
    each source at its ``max_rows`` (seeded sample);
 3. the model to be defended answers every training request (greedy by default), batch by batch; each
-   finished batch is appended to ``generations.jsonl`` so an interrupted build resumes where it stopped;
+   finished batch is appended to ``generations.jsonl`` so an interrupted build resumes where it stopped.
+   With ``rows_needed`` (set by ``repbend demo`` / ``compare`` from the training steps) only enough requests are
+   answered: harmful and benign requests are taken in a seeded order (hash of seed and id), in windows of
+   four batches, until the rows expected in ``train.jsonl`` cover the draws plus the margin. A window's
+   batches depend only on the window, so a larger budget answers the same first windows identically
+   and adds windows after them (the requests left out are counted in the manifest);
 4. rows: a harmful request whose answer complies -> UNSAFE ``harmful``; whose answer is a refusal ->
    SAFE ``refusal`` (the model's own words); every harmful request also gets a SAFE ``refusal`` row with
    a project-written refusal (same ``pair_id``). A benign / over-refusal request -> SAFE ``benign`` /
@@ -35,6 +40,7 @@ from repbend.io import (append_jsonl, atomic_write_json, claim_output, output_lo
 FORMAT = "repbend-built-dataset/1"
 STATE = ".build.json"
 CHECKPOINT = "generations.jsonl"
+WINDOW = 4   # batches per generator call (and per window of the seeded order with rows_needed)
 OUR_FILES = ("train.jsonl", "val.jsonl", "decontam.jsonl", CHECKPOINT, "config.yaml", "run_info.json",
              "manifest.json", STATE)
 
@@ -45,7 +51,9 @@ def generate(*args, **kwargs):  # indirection so tests can interrupt a build
 
 
 def config_hash(cfg: DataBuildConfig) -> str:
-    return sha256_text(dump_config(cfg))[:16]
+    """Hash of the settings that decide each answer and row; ``rows_needed`` only decides how many requests are
+    answered, so a build whose budget grows extends the same folder (answers already written are reused)."""
+    return sha256_text(dump_config(cfg.model_copy(update={"rows_needed": None})))[:16]
 
 
 def _prepare_out(out: Path, chash: str, overwrite: bool) -> dict | None:
@@ -156,9 +164,10 @@ def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, 
     g = cfg.generation
     unique = sorted({(t, n) for t, n in jobs}, key=lambda j: (j[1], -len(j[0]), j[0]))
     chunks = []
-    for n in sorted({n for _, n in unique}):  # fixed batches (resume regenerates identical batches)
+    per_call = WINDOW * g.batch_size   # one generator call: a few batches (continuous batching refills across them)
+    for n in sorted({n for _, n in unique}):  # fixed chunks (resume regenerates identical chunks)
         group = [j for j in unique if j[1] == n]
-        chunks += [group[i:i + g.batch_size] for i in range(0, len(group), g.batch_size)]
+        chunks += [group[i:i + per_call] for i in range(0, len(group), per_call)]
     todo = [c for c in chunks if any(_key(t, n) not in done for t, n in c)]
     bar = tqdm(total=len(unique), initial=len(unique) - sum(map(len, todo)), desc="answer requests", unit="req",
                disable=not progress)
@@ -167,7 +176,7 @@ def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, 
             start = time.perf_counter()
             texts = generate(model, tokenizer, [[{"role": "user", "content": t}] for t, _ in chunk],
                              max_new_tokens=chunk[0][1], do_sample=g.do_sample, temperature=g.temperature,
-                             top_p=g.top_p, seed=cfg.seed, batch_size=len(chunk), progress=False)
+                             top_p=g.top_p, seed=cfg.seed, batch_size=g.batch_size, progress=False)
             share = round((time.perf_counter() - start) / len(chunk), 3)  # seconds per request (timings)
             for (t, n), outs in zip(chunk, texts):
                 k = _key(t, n)
@@ -178,6 +187,58 @@ def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, 
     finally:
         bar.close()
     return {_key(t, n): done[_key(t, n)] for t, n in jobs}
+
+
+def _seeded_order(rows: list[dict], seed: int, salt: str) -> list[dict]:
+    return sorted(rows, key=lambda r: sha256_text(f"{seed}|{salt}|{r['id']}"))
+
+
+def _split_counts(data: dict, answers: dict[str, str], cfg: DataBuildConfig) -> dict[str, int]:
+    stats = {k: 0 for k in ("empty_answers", "harmful_refused_by_model", "harmful_complied", "benign_refused_by_model")}
+    out = {"safe": 0, "unsafe": 0, "retain": 0}
+    for r in make_rows(data, answers, cfg, stats):
+        out[r["split"]] += 1
+    return out
+
+
+def answer_budgeted(model, tokenizer, data: dict, ckpt: Path, cfg: DataBuildConfig,
+                    progress: bool = True) -> tuple[dict, dict[str, str]]:
+    """Answer requests window by window (seeded order) until ``cfg.rows_needed`` is covered.
+
+    Returns the data restricted to the answered requests (original order kept) and their answers.
+    """
+    import math
+
+    b, g = cfg.rows_needed, cfg.generation
+    keep = 1.0 - cfg.val_fraction
+    target = {s: math.ceil(getattr(b, s) * (1 + b.margin) / keep) for s in ("safe", "unsafe", "retain")}
+    order = {"harmful": _seeded_order(data["harmful"], cfg.seed, "answer-harmful"),
+             "benign": _seeded_order(data["benign"], cfg.seed, "answer-benign")}
+    n_new = {"harmful": g.max_new_tokens_harmful, "benign": g.max_new_tokens_benign}
+    taken = {"harmful": 0, "benign": 0}
+    answers: dict[str, str] = {}
+    window = WINDOW * g.batch_size
+
+    def used() -> dict:
+        ids = {k: {r["id"] for r in order[k][:taken[k]]} for k in taken}
+        return {**data, "harmful": [r for r in data["harmful"] if r["id"] in ids["harmful"]],
+                "benign": [r for r in data["benign"] if r["id"] in ids["benign"]]}
+
+    while True:
+        have = _split_counts(used(), answers, cfg)
+        short = {s for s in target if have[s] < target[s]}
+        more = {"harmful": "unsafe" in short or ("safe" in short and taken["harmful"] < len(order["harmful"])),
+                "benign": "retain" in short or ("safe" in short and taken["harmful"] >= len(order["harmful"]))}
+        more = {k: v and taken[k] < len(order[k]) for k, v in more.items()}
+        if not any(more.values()):
+            break
+        for kind in ("harmful", "benign"):
+            if more[kind]:
+                part = order[kind][taken[kind]:taken[kind] + window]
+                jobs = [(user_text(r), n_new[kind]) for r in part]
+                answers.update(generate_answers(model, tokenizer, jobs, ckpt, cfg, progress))
+                taken[kind] += len(part)
+    return used(), answers
 
 
 def _row(rid: str, split: str, kind: str, req: dict, response: str, pair_id: str | None) -> dict:
@@ -293,8 +354,11 @@ def _build_dataset(cfg: DataBuildConfig, out: Path, overwrite: bool, progress: b
     t0 = time.perf_counter()
     chash = config_hash(cfg)
     finished = _prepare_out(out, chash, overwrite)
-    if finished is not None:
+    budget = cfg.rows_needed.model_dump() if cfg.rows_needed is not None else None
+    if finished is not None and finished.get("rows_needed") == budget:
         return finished
+    if finished is not None:  # same build, another budget: extend it from the answers already written
+        (out / "manifest.json").unlink()
     timings = {}
     data = collect(cfg)
     timings["sources_and_decontam_s"] = round(time.perf_counter() - t0, 2)
@@ -308,16 +372,23 @@ def _build_dataset(cfg: DataBuildConfig, out: Path, overwrite: bool, progress: b
     model, tokenizer = load_model(cfg.model)
     timings["load_model_s"] = round(time.perf_counter() - t, 2)
     g = cfg.generation
-    jobs = [(user_text(r), g.max_new_tokens_harmful) for r in data["harmful"]]
-    jobs += [(user_text(r), g.max_new_tokens_benign) for r in data["benign"]]
     t = time.perf_counter()
-    answers = generate_answers(model, tokenizer, jobs, out / CHECKPOINT, cfg, progress)
+    n_requests = {"harmful": len(data["harmful"]), "benign": len(data["benign"])}
+    if cfg.rows_needed is not None:
+        data, answers = answer_budgeted(model, tokenizer, data, out / CHECKPOINT, cfg, progress)
+    else:
+        jobs = [(user_text(r), g.max_new_tokens_harmful) for r in data["harmful"]]
+        jobs += [(user_text(r), g.max_new_tokens_benign) for r in data["benign"]]
+        answers = generate_answers(model, tokenizer, jobs, out / CHECKPOINT, cfg, progress)
     timings["generate_s"] = round(time.perf_counter() - t, 2)  # this run (0 when all answers were cached)
-    timings["generate_s_all_sessions"] = round(sum(r.get("seconds", 0) for r in read_jsonl(out / CHECKPOINT)), 2)
+    timings["generate_s_all_sessions"] = round(sum(r.get("seconds", 0) for r in read_jsonl(out / CHECKPOINT)
+                                                   if r["key"] in answers), 2)
 
     stats = {"harmful_requests": len(data["harmful"]), "benign_requests": len(data["benign"]),
              "harmful_complied": 0, "harmful_refused_by_model": 0, "benign_refused_by_model": 0,
-             "empty_answers": 0}
+             "empty_answers": 0,
+             "unanswered_harmful": n_requests["harmful"] - len(data["harmful"]),
+             "unanswered_benign": n_requests["benign"] - len(data["benign"])}
     rows = make_rows(data, answers, cfg, stats)
     truncated = truncate(rows, tokenizer, cfg)
     for r in rows:
@@ -330,7 +401,7 @@ def _build_dataset(cfg: DataBuildConfig, out: Path, overwrite: bool, progress: b
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     manifest = {
         "format": FORMAT, "config_hash": chash, "seed": cfg.seed, "model": _model_info(cfg.model, model),
-        "generation": g.model_dump(), "requests": stats,
+        "generation": g.model_dump(), "requests": stats, "rows_needed": budget,
         "counts": {"train": _counts(train), "val": _counts(val)},
         "decontamination": {"settings": cfg.decontam.model_dump(), "dropped": len(data["dropped"]),
                             "by_source": data["decontam_summary"],

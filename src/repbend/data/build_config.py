@@ -50,6 +50,15 @@ class GenerationSettings(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
 
 
+class RowBudget(Section):
+    """Rows the training will draw per split; the build answers only enough requests for them (+ margin)."""
+
+    safe: int = Field(0, ge=0, description="SAFE rows drawn by training (steps x batch size).")
+    unsafe: int = Field(0, ge=0, description="UNSAFE rows drawn by training.")
+    retain: int = Field(0, ge=0, description="RETAIN rows drawn by training.")
+    margin: float = Field(0.25, ge=0, description="Extra share of rows built beyond the draws.")
+
+
 def _spec(source: str, max_rows: int | None = None, **options: Any) -> SourceSpec:
     return SourceSpec(source=source, options=options, max_rows=max_rows)
 
@@ -81,6 +90,10 @@ class DataBuildConfig(Section):
     max_request_tokens: int = Field(384, ge=8, description="Longer requests are truncated (counted in the manifest).")
     max_response_tokens: int = Field(256, ge=8, description="Longer responses are truncated (counted in the manifest).")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of requests held out in val.jsonl.")
+    rows_needed: RowBudget | None = Field(
+        None, description="Answer requests (in a seeded order, window by window) only until the training split has "
+                          "these rows plus the margin; null = answer every request. `repbend demo` / `compare` set it "
+                          "from the training steps and batch sizes.")
     keep_model_refusals: bool = Field(True, description="Keep the model's own refusals of harmful requests as extra "
                                                         "SAFE rows.")
 

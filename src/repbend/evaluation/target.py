@@ -57,6 +57,8 @@ class ModelTarget:
         settings: the suite's default generation settings (``conversation.settings`` overrides them).
         progress: show a progress bar per generate call.
         generate_fn: the batched generator; defaults to ``repbend.models.generation.generate``.
+        group: batches handed to the generator per call (stored together when the call returns): with
+            continuous batching the generator keeps ``batch_size`` rows busy across the whole group.
 
     ``stats`` counts what happened: ``generated`` / ``cached`` samples, ``new_tokens`` and
     ``seconds`` spent generating (for tokens/s), ``calls`` to the generator.
@@ -64,7 +66,7 @@ class ModelTarget:
 
     def __init__(self, model: Any, tokenizer: Any, store: Store, *, batch_size: int = 8, fingerprint: str,
                  settings: GenSettings | None = None, progress: bool = True,
-                 generate_fn: Callable[..., list[list[str]]] | None = None):
+                 generate_fn: Callable[..., list[list[str]]] | None = None, group: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.store = store
@@ -73,6 +75,7 @@ class ModelTarget:
         self.settings = settings or GenSettings()
         self.progress = progress
         self._generate_fn = generate_fn
+        self.group = max(1, group)
         self.stats = {"generated": 0, "cached": 0, "new_tokens": 0, "seconds": 0.0, "calls": 0}
 
     def key(self, conv: Conversation, settings: GenSettings, sample: int) -> str:
@@ -102,7 +105,7 @@ class ModelTarget:
                       leave=False) as bar:
                 for idxs in todo.values():
                     idxs.sort(key=lambda i: -_length(conversations[i]))  # similar lengths share a batch: less padding
-                    step = max(1, self.batch_size // eff[idxs[0]].num_samples)  # ~one generation batch each
+                    step = self.group * max(1, self.batch_size // eff[idxs[0]].num_samples)  # ~group batches each
                     for start in range(0, len(idxs), step):
                         part = idxs[start:start + step]
                         self._run_batch([conversations[i] for i in part], eff[part[0]], [keys[i] for i in part])

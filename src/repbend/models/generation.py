@@ -1,7 +1,32 @@
-"""Batched generation: chat template, optional prefill, left padding, KV cache (``model.generate``).
+"""Batched generation: chat template, optional prefill, left padding, KV cache.
 
 Prompts are sorted by length (longest first, so a batch that does not fit in memory fails at once) and
 the answers are returned in input order. Works for plain transformers models and PEFT models.
+
+Engines (``engine=``):
+
+* ``"loop"``: one prefill pass, then one decode pass per new token over a transformers
+  ``DynamicCache``, feeding exactly the inputs ``model.generate`` feeds (2-D mask, position ids from
+  the mask, last-position logits only). A row that has ended is dropped from the batch and its cache
+  rows are released, so the remaining rows stop paying for it, and there is no per-step
+  logits-processor / stopping-criteria machinery. Greedy answers equal ``"hf"``'s up to floating point
+  (a smaller batch may round differently and flip a near-tie; ``benchmarks/bench_generation.py``
+  measures the agreement).
+* ``"cb"``: continuous batching on the same loop: ``batch_size`` slots over ALL requests of the call;
+  when a quarter of the slots have ended, the next requests are prefilled and merged into the running
+  cache (left-padded; columns no row needs any more are trimmed), so the batch stays full instead of
+  waiting for its longest answer. Same agreement caveat as ``"loop"``. Needs plain ``DynamicLayer``
+  caches (no sliding window); other models fall back to ``"loop"``.
+* ``"hf"`` (default): ``model.generate`` (every row runs until the batch's longest answer ends).
+
+The default is ``"hf"``: on the quick suite's requests the three engines gave identical answers and the
+same speed within noise at batch 16 on a 2-core CPU (``benchmarks/bench_generation.py``, docs/PERFORMANCE.md);
+the batch size, not the engine, moved throughput there. ``REPBEND_GENERATION_ENGINE`` or ``engine=`` picks another.
+
+Requests longer than the model's context (``max_position_embeddings`` minus ``max_new_tokens``) are
+cut before generation, keeping the END of the longest message (the question usually comes last) and the
+chat template around it intact, with a warning: an unbounded prompt would otherwise try to allocate
+attention for the whole text.
 
 Determinism:
 
@@ -19,6 +44,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -80,13 +107,193 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+ENGINES = ("loop", "cb", "hf")
+DEFAULT_ENGINE = "hf"      # measured no faster than the own engines at batch 16 (docs/PERFORMANCE.md); most compatible
+ENGINE_ENV = "REPBEND_GENERATION_ENGINE"   # overrides the default engine (e.g. hf to compare with model.generate)
+
+
+def context_limit(model) -> int | None:
+    """The model's context length in tokens (``max_position_embeddings``), None when it does not say."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def fit_prompt(tokenizer, messages: list[dict], prefill: str, limit: int) -> tuple[list[int], bool]:
+    """Prompt ids of at most ``limit`` tokens: the longest message's text is cut from its START (its end, the
+    chat template and the other messages stay) until the rendered prompt fits; returns ``(ids, was_cut)``."""
+    ids = prompt_ids(tokenizer, messages, prefill)
+    if len(ids) <= limit:
+        return ids, False
+    msgs = [dict(m) for m in messages]
+    for _ in range(8):  # re-rendering can shift a token or two at the cut: a few rounds converge
+        over = len(ids) - limit
+        if over <= 0:
+            return ids, True
+        j = max(range(len(msgs)), key=lambda k: len(msgs[k].get("content") or ""))
+        text = msgs[j].get("content") or ""
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = len(toks) - over - 2
+        if keep <= 0:
+            raise RepbendError(f"A request cannot be cut to the model's context of {limit} tokens (its chat "
+                               f"template and prefill alone are longer); shorten the prefill or system prompt.")
+        msgs[j]["content"] = tokenizer.decode(toks[-keep:], skip_special_tokens=True)
+        ids = prompt_ids(tokenizer, msgs, prefill)
+    if len(ids) > limit:  # pragma: no cover - pathological tokenizer: cut the ids' middle as a last resort
+        ids = ids[:limit // 2] + ids[len(ids) - (limit - limit // 2):]
+    return ids, True
+
+
+def _loop_generate(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos: set[int],
+                   sampler: "_RowSampler | None") -> list[list[int]]:
+    """Greedy (or per-row sampled) decoding over a DynamicCache, dropping finished rows; new ids per row."""
+    from transformers import DynamicCache
+
+    n = ids.shape[0]
+    cache = DynamicCache(config=getattr(model, "config", None))
+    pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    new: list[list[int]] = [[] for _ in range(n)]
+    alive = list(range(n))                      # original row of each batch row
+    eos_t = torch.tensor(sorted(eos) or [-1], device=ids.device)
+    gens = sampler.generators if sampler is not None else None
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :]
+        if sampler is not None:
+            sampler.generators = [gens[r] for r in alive]
+            logits = sampler(None, logits)
+        nxt = logits.argmax(dim=-1)
+        for b, t in zip(alive, nxt.tolist()):
+            new[b].append(t)
+        if step == max_new_tokens - 1:
+            break
+        keep = ~torch.isin(nxt, eos_t)
+        if not bool(keep.all()):
+            if not bool(keep.any()):
+                break
+            idx = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(idx)
+            alive = [alive[i] for i in idx.tolist()]
+            nxt, attn, pos = nxt[idx], attn[idx], pos[idx]
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+    if sampler is not None:
+        sampler.generators = gens
+    return new
+
+
+def _cb_generate(model, prompts: list[list[int]], pad_id: int, slots: int, max_new_tokens: int, eos: set[int],
+                 device, gens: list | None, sampler_args: tuple, on_done=None) -> list[list[int]] | None:
+    """Continuous batching over ``prompts`` (served in the given order); new ids per prompt, or None when the
+    model's cache layers cannot be merged (the caller then uses the plain loop)."""
+    from collections import deque
+
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cfg = getattr(model, "config", None)
+    new: list[list[int]] = [[] for _ in prompts]
+    queue = deque(range(len(prompts)))
+    eos_t = torch.tensor(sorted(eos) or [-1], device=device)
+    cache = attn = pos = nxt = None
+    alive: list[int] = []
+
+    def pick(logits, rows):
+        if gens is not None:
+            logits = _RowSampler([gens[j] for j in rows], *sampler_args)(None, logits)
+        return logits.argmax(dim=-1)
+
+    def finished(j, t):
+        return t in eos or len(new[j]) >= max_new_tokens
+
+    def layers(c):
+        return c.layers if all(type(x) is DynamicLayer for x in c.layers) else None
+
+    while queue or alive:
+        free = slots - len(alive)
+        if queue and (not alive or free >= max(1, slots // 4)):
+            take = [queue.popleft() for _ in range(min(free, len(queue)))]
+            width = max(len(prompts[j]) for j in take)
+            ids = torch.full((len(take), width), pad_id, dtype=torch.long)
+            m = torch.zeros((len(take), width), dtype=torch.long)
+            for r, j in enumerate(take):
+                ids[r, width - len(prompts[j]):] = torch.tensor(prompts[j])
+                m[r, width - len(prompts[j]):] = 1
+            ids, m = ids.to(device), m.to(device)
+            c2 = DynamicCache(config=cfg)
+            p2 = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
+            out = model(input_ids=ids, attention_mask=m, position_ids=p2, cache=c2, use_cache=True, logits_to_keep=1)
+            if layers(c2) is None:
+                return None
+            t2 = pick(out.logits[:, -1, :], take)
+            for j, t in zip(take, t2.tolist()):
+                new[j].append(t)
+            keep = [r for r, j in enumerate(take) if not finished(j, new[j][-1])]
+            for r, j in enumerate(take):
+                if r not in keep and on_done:
+                    on_done(1)
+            if keep:
+                k = torch.tensor(keep, device=device)
+                c2.batch_select_indices(k)
+                m, p2, t2 = m[k], p2[k][:, -1:], t2[k]
+                if alive:  # merge: left-pad the shorter side, then stack the rows
+                    T, W = attn.shape[1], m.shape[1]
+                    for a, b in zip(layers(cache), layers(c2)):
+                        for name in ("keys", "values"):
+                            x, y = getattr(a, name), getattr(b, name)
+                            if W > T:
+                                x = torch.nn.functional.pad(x, (0, 0, W - T, 0))
+                            elif T > W:
+                                y = torch.nn.functional.pad(y, (0, 0, T - W, 0))
+                            setattr(a, name, torch.cat([x, y], dim=0))
+                    L = max(T, W)
+                    attn = torch.cat([torch.nn.functional.pad(attn, (L - T, 0)), torch.nn.functional.pad(m, (L - W, 0))])
+                    pos, nxt = torch.cat([pos, p2]), torch.cat([nxt, t2])
+                else:
+                    cache, attn, pos, nxt = c2, m, p2, t2
+                alive += [take[r] for r in keep]
+        if not alive:
+            continue
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        nxt = pick(out.logits[:, -1, :], alive)
+        for j, t in zip(alive, nxt.tolist()):
+            new[j].append(t)
+        keep = [r for r, j in enumerate(alive) if not finished(j, new[j][-1])]
+        if len(keep) < len(alive):
+            if on_done:
+                on_done(len(alive) - len(keep))
+            if not keep:
+                alive, cache = [], None
+                continue
+            k = torch.tensor(keep, device=device)
+            cache.batch_select_indices(k)
+            attn, pos, nxt = attn[k], pos[k], nxt[k]
+            alive = [alive[r] for r in keep]
+            first = int(attn.argmax(dim=-1).min())      # columns every remaining row masks out
+            if first > 0:
+                for a in layers(cache):
+                    a.keys, a.values = a.keys[:, :, first:], a.values[:, :, first:]
+                attn = attn[:, first:]
+    return new
+
+
 def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] | None = None, *,
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             num_samples: int = 1, seed: int = 0, batch_size: int = 8, progress: bool = True) -> list[list[str]]:
+             num_samples: int = 1, seed: int = 0, batch_size: int = 8, progress: bool = True,
+             engine: str | None = None) -> list[list[str]]:
     """Answer each conversation ``num_samples`` times; returns ``texts[conversation][sample]``.
 
     ``conversations``: message lists (``[{"role", "content"}, ...]``) or plain strings (one user turn).
     ``prefills``: text forced as the start of each answer (not included in the returned text).
+    ``engine``: ``"loop"``, ``"cb"`` or ``"hf"`` (``model.generate``), see the module docstring; None = the
+    ``REPBEND_GENERATION_ENGINE`` environment variable, else :data:`DEFAULT_ENGINE`.
     """
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
@@ -97,11 +304,29 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
         raise RepbendError("max_new_tokens, num_samples and batch_size must all be >= 1.")
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
         raise RepbendError("sampling needs temperature > 0 and 0 < top_p <= 1.")
+    if engine is None:
+        engine = os.environ.get(ENGINE_ENV) or DEFAULT_ENGINE
+    if engine not in ENGINES:
+        raise RepbendError(f"Unknown generation engine {engine!r} (argument or {ENGINE_ENV}); choose one of "
+                           f"{', '.join(ENGINES)}.")
     if not conversations:
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [prompt_ids(tokenizer, _as_messages(c), prefills[i] if prefills else "")
-               for i, c in enumerate(conversations)]
+    ctx = context_limit(model)
+    limit = max(1, ctx - max_new_tokens) if ctx else None
+    prompts, cut = [], 0
+    for i, c in enumerate(conversations):
+        msgs, pre = _as_messages(c), prefills[i] if prefills else ""
+        if limit is None:
+            prompts.append(prompt_ids(tokenizer, msgs, pre))
+            continue
+        ids, was_cut = fit_prompt(tokenizer, msgs, pre, limit)
+        prompts.append(ids)
+        cut += was_cut
+    if cut:
+        warnings.warn(f"{cut} of {len(conversations)} requests are longer than the model's context of {ctx} tokens "
+                      f"minus {max_new_tokens} new tokens; their longest message was cut from the start to fit.",
+                      stacklevel=2)
     # Greedy answers do not depend on the sample index: generate each prompt once.
     jobs = [(i, s) for i in range(len(prompts)) for s in range(num_samples if do_sample else 1)]
     jobs.sort(key=lambda j: -len(prompts[j[0]]))
@@ -115,23 +340,42 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
     model.eval()
     bar = tqdm(total=len(jobs), desc="generate", unit="seq", disable=not progress)
     try:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
+        rows_cb = None
+        if engine == "cb":
+            gens = ([torch.Generator().manual_seed(_row_seed(seed, prompts[i], s)) for i, s in jobs]
+                    if do_sample else None)
+            with torch.inference_mode():
+                rows_cb = _cb_generate(model, [prompts[i] for i, _ in jobs], pad_id, batch_size, max_new_tokens, eos,
+                                       device, gens, (temperature, top_p), bar.update)
+        if rows_cb is not None:
+            for job, new in zip(jobs, rows_cb):
+                cut = next((k for k, t in enumerate(new) if t in eos), len(new))
+                results[job] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+            jobs_left: list = []
+        else:
+            jobs_left = jobs
+        for start in range(0, len(jobs_left), batch_size):
+            chunk = jobs_left[start:start + batch_size]
             width = max(len(prompts[i]) for i, _ in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attn = torch.zeros((len(chunk), width), dtype=torch.long)
             for r, (i, _) in enumerate(chunk):
                 ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 attn[r, width - len(prompts[i]):] = 1
-            processors = LogitsProcessorList()
+            sampler = None
             if do_sample:
                 gens = [torch.Generator().manual_seed(_row_seed(seed, prompts[i], s)) for i, s in chunk]
-                processors.append(_RowSampler(gens, temperature, top_p))
+                sampler = _RowSampler(gens, temperature, top_p)
             with torch.inference_mode():
-                out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg,
-                                     logits_processor=processors)
+                if engine == "loop":
+                    rows = _loop_generate(model, ids.to(device), attn.to(device), max_new_tokens, eos, sampler)
+                else:
+                    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                         generation_config=cfg,
+                                         logits_processor=LogitsProcessorList([sampler] if sampler else []))
+                    rows = [out[r, width:].tolist() for r in range(len(chunk))]
             for r, job in enumerate(chunk):
-                new = out[r, width:].tolist()
+                new = rows[r]
                 cut = next((k for k, t in enumerate(new) if t in eos), len(new))
                 results[job] = tokenizer.decode(new[:cut], skip_special_tokens=True)
             bar.update(len(chunk))

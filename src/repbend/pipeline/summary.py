@@ -180,16 +180,51 @@ def plot(agg: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def summarise(runs: dict[str, list[Path]], out_dir: str | Path, timings: dict | None = None) -> dict:
+def generation_speed(runs: dict[str, list[Path]], data_dir: str | Path | None = None) -> dict[str, dict]:
+    """Generation throughput per stage: the data build's answers and every evaluation (``meta.generation``)."""
+    out: dict[str, dict] = {}
+    man = Path(data_dir) / "manifest.json" if data_dir else None
+    if man is not None and man.is_file():
+        m = json.loads(man.read_text(encoding="utf-8"))
+        t = m.get("timings") or {}
+        n = (m.get("outputs") or {}).get("generations.jsonl", {}).get("rows")
+        secs = t.get("generate_s_all_sessions") or t.get("generate_s")
+        out["build data"] = {"requests": n, "seconds": secs,
+                             "requests_per_s": round(n / secs, 2) if n and secs else None, "tokens_per_s": None}
+    for label, folders in runs.items():
+        for f in folders:
+            p = Path(f) / "results.json"
+            if not p.is_file():
+                continue
+            g = (json.loads(p.read_text(encoding="utf-8")).get("meta") or {}).get("generation") or {}
+            secs = g.get("seconds")
+            out[f"evaluate {Path(f).name}"] = {"requests": g.get("generated"), "seconds": secs,
+                                               "requests_per_s": round(g["generated"] / secs, 2)
+                                               if secs and g.get("generated") else None,
+                                               "tokens_per_s": g.get("tokens_per_s")}
+    return out
+
+
+def summarise(runs: dict[str, list[Path]], out_dir: str | Path, timings: dict | None = None,
+              data_dir: str | Path | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs)
     md = "# repbend summary\n\n" + to_markdown(agg)
+    speed = generation_speed(runs, data_dir)
     if timings:
         md += "\nWall time per stage (s):\n\n| stage | seconds |\n|---|---|\n" + "".join(
             f"| {k} | {v:.0f} |\n" for k, v in timings.items())
+        md += f"| **total** | **{sum(timings.values()):.0f}** |\n"
+    if speed:
+        dash = lambda v, f="{:.1f}": "–" if v is None else f.format(v)  # noqa: E731
+        md += ("\nGeneration (this run and the runs it resumed for the build; this run for evaluations):\n\n"
+               "| stage | requests | seconds generating | requests/s | new tokens/s |\n|---|---|---|---|---|\n" +
+               "".join(f"| {k} | {dash(v['requests'], '{}')} | {dash(v['seconds'], '{:.0f}')} | "
+                       f"{dash(v['requests_per_s'], '{:.2f}')} | {dash(v['tokens_per_s'])} |\n"
+                       for k, v in speed.items()))
     plots = plot(agg, out)
     md += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
-    atomic_write_json(out / "summary.json", {"runs": agg, "timings": timings or {}})
+    atomic_write_json(out / "summary.json", {"runs": agg, "timings": timings or {}, "generation": speed})
     atomic_write_text(out / "summary.md", md)
-    return {"runs": agg, "timings": timings or {}, "markdown": md}
+    return {"runs": agg, "timings": timings or {}, "generation": speed, "markdown": md}
