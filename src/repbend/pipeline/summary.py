@@ -7,6 +7,7 @@ Input: ``{label: [eval folder, ...]}`` (one folder per seed; the original model 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from statistics import mean, pstdev
 
@@ -185,7 +186,10 @@ def generation_speed(runs: dict[str, list[Path]], data_dir: str | Path | None = 
     out: dict[str, dict] = {}
     man = Path(data_dir) / "manifest.json" if data_dir else None
     if man is not None and man.is_file():
-        m = json.loads(man.read_text(encoding="utf-8"))
+        try:
+            m = json.loads(man.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):   # a damaged manifest only costs the build's speed row
+            m = {}
         t = m.get("timings") or {}
         n = (m.get("outputs") or {}).get("generations.jsonl", {}).get("rows")
         secs = t.get("generate_s_all_sessions") or t.get("generate_s")
@@ -193,10 +197,9 @@ def generation_speed(runs: dict[str, list[Path]], data_dir: str | Path | None = 
                              "requests_per_s": round(n / secs, 2) if n and secs else None, "tokens_per_s": None}
     for label, folders in runs.items():
         for f in folders:
-            p = Path(f) / "results.json"
-            if not p.is_file():
+            if not (Path(f) / RESULTS_FILE).is_file():
                 continue
-            g = (json.loads(p.read_text(encoding="utf-8")).get("meta") or {}).get("generation") or {}
+            g = Results.load(f).meta.generation or {}
             secs = g.get("seconds")
             out[f"evaluate {Path(f).name}"] = {"requests": g.get("generated"), "seconds": secs,
                                                "requests_per_s": round(g["generated"] / secs, 2)
