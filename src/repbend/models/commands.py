@@ -34,7 +34,7 @@ def models_cmd(
             typer.echo(f"{m.name} ready at {m.folder} ({time.perf_counter() - t0:.1f} s)", err=True)
     for m in EMBEDDED:
         typer.echo(f"{m.name}  [{cache_status(m)}]  aliases: {', '.join(m.aliases)}")
-        typer.echo(f"    {m.title}, {m.params} parameters")
+        typer.echo(f"    {m.title}; parameters: {m.params}")
         typer.echo(f"    packages: {m.packages}")
         typer.echo(f"    GGUF: {m.gguf_size / 1e6:.1f} MB, sha256 {m.gguf_sha256}")
         typer.echo(f"    licence: {m.licence}")

@@ -70,7 +70,7 @@ class EmbeddedModel:
 
     @property
     def description(self) -> str:
-        return f"{self.title}, {self.params} parameters, {self.licence}"
+        return f"{self.title}; parameters: {self.params}; licence: {self.licence}"
 
 
 def _split(prefix: str, version: str, sizes_and_hashes: list[tuple[int, str]]) -> tuple[Part, ...]:
@@ -109,7 +109,7 @@ EMBEDDED: tuple[EmbeddedModel, ...] = (
         ]),
         gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         gguf_size=491_400_064,
-        params="494M (630M: lm_head untied)",
+        params="630M (494M + a 136M lm_head stored untied)",
         licence="not stated by the packages; upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0",
         caveat=_QWEN_CAVEAT + "; re-quantised from an AWQ checkpoint, so two quantisations away from upstream",
     ),
@@ -142,9 +142,9 @@ EMBEDDED: tuple[EmbeddedModel, ...] = (
             + [(16_315_968, "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a")]),
         gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         gguf_size=1_117_320_768,
-        params="1.54B (1.78B: lm_head untied)",
+        params="1.78B (1.54B + a 233M lm_head stored untied)",
         licence="not stated by the packages; upstream Qwen2.5-Coder-1.5B-Instruct is Apache-2.0",
-        caveat=_QWEN_CAVEAT + "; 16.5 GB peak for LoRA training at 4x256 fp32 (full fine-tuning with AdamW "
+        caveat=_QWEN_CAVEAT + "; LoRA only on 24 GB: training at 4x256 fp32 peaks near 16.5 GB (full fine-tuning with AdamW "
                "does not fit 24 GB)",
     ),
 )
