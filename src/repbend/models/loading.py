@@ -2,7 +2,8 @@
 
 ``spec`` is resolved in this order:
 
-1. an alias (``default``, ``smollm2-135m-instruct``): built/verified in the repbend cache, then a folder;
+1. an alias of an embedded model (``default``, ``qwen2.5-coder-0.5b``, ... see ``repbend models``): built or
+   verified in the repbend cache (:mod:`repbend.models.embedded`), then loaded as a folder;
 2. an existing local folder: an ordinary transformers folder, or an adapter-only folder (it has
    ``adapter_config.json`` and no ``config.json``) whose base is read from the adapter config;
 3. something that looks like a path (``/``, ``.``, ``~``) but does not exist: error;
@@ -22,10 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repbend.errors import RepbendError
+from repbend.models.embedded import ALIASES, BY_NAME  # alias -> canonical name of an embedded model
 from repbend.models.weights import SafetensorError as _SafetensorError, damaged_weights
-
-# alias -> (canonical name, description). The canonical entries are built by repbend.models.default.
-ALIASES: dict[str, str] = {"default": "smollm2-135m-instruct", "smollm2-135m-instruct": "smollm2-135m-instruct"}
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 _WARNED: set[str] = set()
@@ -55,10 +54,7 @@ class ResolvedModel:
 
 def list_aliases() -> dict[str, str]:
     """``{alias: description}`` of the built-in model aliases."""
-    from repbend.models import default
-
-    return {a: (default.DESCRIPTION if c == default.NAME else c) + ("" if a == c else f" (alias of {c})")
-            for a, c in ALIASES.items()}
+    return {a: BY_NAME[c].description + ("" if a == c else f" (alias of {c})") for a, c in ALIASES.items()}
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -67,14 +63,15 @@ def _looks_like_path(spec: str) -> bool:
 
 def resolve_model(spec: str) -> ResolvedModel:
     """Resolve ``spec`` without loading (or converting) anything."""
-    from repbend.models import default
+    from repbend.models.embedded import cache_status
 
     if not isinstance(spec, str) or not spec.strip():
         raise RepbendError(f"Model spec must be an alias, a folder or a hub id; aliases: {', '.join(ALIASES)}.")
     spec = spec.strip()
     canon = ALIASES.get(spec.lower())
     if canon:
-        return ResolvedModel(spec, "alias", str(default.default_model_dir()), canon, status=default.cache_status())
+        model = BY_NAME[canon]
+        return ResolvedModel(spec, "alias", str(model.folder), canon, status=cache_status(model))
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -199,8 +196,8 @@ def load_model(spec: str = "default", adapter: str | os.PathLike | None = None, 
     dev, torch_dtype = pick_device_dtype(device, dtype)
     location = res.location
     if res.kind == "alias":
-        from repbend.models.default import ensure_default_model
-        location = str(ensure_default_model())
+        from repbend.models.embedded import ensure_model
+        location = str(ensure_model(BY_NAME[res.alias]))
     model, tok = _from_pretrained(location, res.kind, dev, torch_dtype, trust_remote_code)
     name = res.alias or res.location
     if res.alias:  # adapters trained on it then record the portable alias as their base, not a cache path
