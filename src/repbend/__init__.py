@@ -10,6 +10,7 @@ The public Python API, importable from the package root (each also has a CLI com
 - ``evaluate(EvalConfig) -> Results``; ``load_suite(name_or_path, overrides)``       (``repbend eval``)
 - ``write_report(results, out_dir)``, ``compare_runs(run_dirs, out_dir)``           (``repbend report``)
 - ``run_pipeline(PipelineConfig) -> summary``                                      (``repbend demo``, ``repbend compare``)
+- ``analyze(AnalyzeConfig) -> summary``                                            (``repbend analyze``)
 - ``load_config(ConfigClass, path, overrides)``, ``validate_config(path)``           (``repbend validate``)
 
 Names are imported on first use, so ``import repbend`` (and ``repbend --help``) loads no heavy library.
@@ -31,6 +32,7 @@ _API: dict[str, str] = {
     "Results": "repbend.evaluation.results",
     "write_report": "repbend.evaluation.report", "compare_runs": "repbend.evaluation.report_compare",
     "PipelineConfig": "repbend.pipeline.jobs", "run_pipeline": "repbend.pipeline.jobs",
+    "AnalyzeConfig": "repbend.analysis", "analyze": "repbend.analysis",
     "load_config": "repbend.config", "validate_config": "repbend.validate",
     "RepbendError": "repbend.errors",
 }

@@ -75,9 +75,15 @@ def test_pipeline_config_errors_name_fields():
 def test_plan_builds_every_stage_without_loading_models(tmp_path):
     cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "methods": ["repbend", "npo"],
                                             "seeds": [0, 1]})
-    names = [s.name for s in plan(cfg)]
+    stages = {s.name: s for s in plan(cfg)}
+    names = list(stages)
     assert names[:2] == ["build data", "evaluate eval-original"]
-    assert "train npo seed 1" in names and "evaluate eval-npo-s1" in names and len(names) == 2 + 2 * 2 * 2
+    assert "train npo seed 1" in names and "evaluate eval-npo-s1" in names and len(names) == 2 + 2 * 2 * 3
+    # each trained model is analysed against the original: a full model by comparison, an adapter switched off
+    full = stages["analyze analysis-repbend-s0"].fingerprint["analyze"]
+    assert full["compare_to"] == str(tmp_path / "train-repbend-s0") and full["adapter"] is None
+    off = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "analyze_prompts": 0})
+    assert not [s for s in plan(off) if s.name.startswith("analyze")]
 
 
 def test_empty_new_training_options_keep_old_fingerprints(tmp_path):
@@ -184,3 +190,17 @@ def test_demo_builds_only_the_rows_its_training_draws(tmp_path):
     assert longer["train repbend seed 0"].fingerprint["data"] == longer["build data"].fingerprint["data"]
     everything = stages([])   # the default: the whole pool (the shipped results were built so)
     assert everything["build data"].fingerprint["data"]["rows_needed"] is None
+
+
+def test_summary_links_the_analysis_of_each_trained_model(tmp_path):
+    (tmp_path / "eval-original").mkdir()
+    (tmp_path / "eval-original" / "results.json").write_text(json.dumps(_results(1.0, 1.0, 1.0, 0.3)))
+    done, missing = tmp_path / "analysis-repbend-s0", tmp_path / "analysis-repbend-s1"
+    done.mkdir()
+    (done / "summary.md").write_text("# analysis")
+    (done / "bending.png").write_bytes(b"png")
+    out = summarise({"original": [tmp_path / "eval-original"]}, tmp_path / "report", analyses=[done, missing])
+    md = out["markdown"]
+    assert "[../analysis-repbend-s0/summary.md](../analysis-repbend-s0/summary.md)" in md
+    assert "![bending.png](../analysis-repbend-s0/bending.png)" in md and "separability.png" not in md
+    assert "analysis-repbend-s1" not in md     # an analysis that did not run is not linked

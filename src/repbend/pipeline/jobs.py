@@ -36,6 +36,9 @@ class PipelineConfig(Section):
                                                        "training steps draw (plus a margin), not the whole pool: "
                                                        "about half the build time, other training rows than a full "
                                                        "build (results move within seed noise).")
+    analyze_prompts: int = Field(24, ge=0, description="Prompts per kind for the representation analysis of each "
+                                                      "trained model against the original (`repbend analyze`: "
+                                                      "separability, bending, logit lens, PCA); 0 = no analysis.")
 
     @field_validator("methods")
     @classmethod
@@ -131,6 +134,13 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                      {"model": model or cfg.model, "adapter": str(adapter),
                       "suite": suite_fp if s is suite else s.model_dump(mode="json")})
 
+    def analyze_stage(d: Path, run: Path, full_finetune: bool) -> Stage:
+        from repbend.analysis import AnalyzeConfig, analyze
+
+        acfg = AnalyzeConfig(model=cfg.model, output_dir=str(d), max_prompts=cfg.analyze_prompts, lens_prompts=1,
+                             **({"compare_to": str(run)} if full_finetune else {"adapter": str(run)}))
+        return Stage(f"analyze {d.name}", d, lambda: analyze(acfg), {"analyze": acfg.model_dump(mode="json")})
+
     stages = [Stage("build data", data_dir, lambda: build_dataset(data_cfg, data_dir), {"data": data_cfg}),
               eval_stage("eval-original", None)]
     for method in cfg.methods:
@@ -152,6 +162,8 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 stages.append(eval_stage(f"eval-{method}-s{seed}", None, model=str(run)))
             else:
                 stages.append(eval_stage(f"eval-{method}-s{seed}", run))
+            if cfg.analyze_prompts:
+                stages.append(analyze_stage(out / f"analysis-{method}-s{seed}", run, tcfg.full_finetune))
     if cfg.build_only_needed and data_cfg.rows_needed is None:
         data_cfg.rows_needed = rows_needed(train_cfgs)
     dump = data_cfg.model_dump(mode="json")   # the stages' fingerprints see the final data config
@@ -183,4 +195,5 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     runs = {"original": [out / "eval-original"]}
     for m in cfg.methods:
         runs[m] = [out / f"eval-{m}-s{s}" for s in cfg.seeds]
-    return summarise(runs, out / "report", timings=timings, data_dir=out / "data")
+    analyses = [out / f"analysis-{m}-s{s}" for m in cfg.methods for s in cfg.seeds] if cfg.analyze_prompts else []
+    return summarise(runs, out / "report", timings=timings, data_dir=out / "data", analyses=analyses)

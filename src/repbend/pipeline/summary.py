@@ -208,8 +208,22 @@ def generation_speed(runs: dict[str, list[Path]], data_dir: str | Path | None = 
     return out
 
 
+def _analysis_links(folders: list[Path], out: Path) -> str:
+    """Markdown that links each trained model's representation analysis and shows its bending plot."""
+    import os
+
+    md = ""
+    for d in folders:
+        if not (Path(d) / "summary.md").is_file():
+            continue
+        rel = Path(os.path.relpath(d, out))
+        md += f"\nRepresentation analysis of `{Path(d).name}`: [{rel / 'summary.md'}]({rel / 'summary.md'})\n"
+        md += "".join(f"\n![{p}]({rel / p})\n" for p in ("bending.png", "separability.png") if (Path(d) / p).is_file())
+    return md
+
+
 def summarise(runs: dict[str, list[Path]], out_dir: str | Path, timings: dict | None = None,
-              data_dir: str | Path | None = None) -> dict:
+              data_dir: str | Path | None = None, analyses: list[Path] | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs)
@@ -228,6 +242,7 @@ def summarise(runs: dict[str, list[Path]], out_dir: str | Path, timings: dict | 
                        for k, v in speed.items()))
     plots = plot(agg, out)
     md += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    md += _analysis_links(analyses or [], out)
     atomic_write_json(out / "summary.json", {"runs": agg, "timings": timings or {}, "generation": speed})
     atomic_write_text(out / "summary.md", md)
     return {"runs": agg, "timings": timings or {}, "generation": speed, "markdown": md}
