@@ -10,7 +10,7 @@ The public Python API, importable from the package root (each also has a CLI com
 - ``evaluate(EvalConfig) -> Results``; ``load_suite(name_or_path, overrides)``       (``repbend eval``)
 - ``write_report(results, out_dir)``, ``compare_runs(run_dirs, out_dir)``           (``repbend report``)
 - ``run_pipeline(PipelineConfig) -> summary``                                      (``repbend demo``, ``repbend compare``)
-- ``analyze(AnalyzeConfig) -> summary``                                            (``repbend analyze``)
+- ``analyze(``AnalyzeConfig``) -> summary``                                          (``repbend analyze``)
 - ``load_config(ConfigClass, path, overrides)``, ``validate_config(path)``           (``repbend validate``)
 
 Names are imported on first use, so ``import repbend`` (and ``repbend --help``) loads no heavy library.
