@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from repbend.config import Section
+from repbend.layers import check_layers  # noqa: F401 (the one range check; methods import it from here)
 from repbend.registry import Registry
 
 SPLITS = ("safe", "unsafe", "retain", "pair")
@@ -141,17 +142,6 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x`` (B, T) over positions where ``mask`` (B, T) is true; 0 when nothing is selected."""
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp_min(1.0)
-
-
-def check_layers(layers: list[int], num_layers: int, field: str) -> list[int]:
-    """Sorted hidden-state indices; one-line RepbendError naming ``field`` when any is outside 0..num_layers."""
-    from repbend.errors import ConfigError
-
-    bad = [i for i in layers if not 0 <= i <= num_layers]
-    if bad:
-        raise ConfigError(f"{field}: hidden-state indices {bad} are out of range 0..{num_layers} (the model has "
-                          f"{num_layers} blocks; 0 = embeddings, {num_layers} = last block after the final norm).")
-    return sorted(layers)
 
 
 def require_rows(batch: dict[str, SeqBatch], split: str, method: str, why: str) -> None:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from repbend.config import Section
 from repbend.errors import DivergenceError, RepbendError
+from repbend.layers import check_layers
 from repbend.methods.base import Method, Need, SeqBatch, States, TokenMode, kl_ref_policy, token_mask
 
 # The paper's window (hidden states 20..30 of a 32-block model), used relative to depth when not set.
@@ -123,11 +124,7 @@ def resolve_target_layers(cfg: RepBendConfig, num_layers: int) -> list[int]:
     else:
         lo, hi = (round(f * num_layers) for f in _PAPER_WINDOW)
         layers, field = list(range(max(lo, 1), max(hi, 1) + 1)), "method.target_layers"
-    bad = [i for i in layers if not 0 <= i <= num_layers]
-    if bad:
-        raise RepbendError(f"{field}: hidden-state indices {bad} are out of range 0..{num_layers} "
-                           f"(the model has {num_layers} blocks; 0 = embeddings, {num_layers} = last block).")
-    return layers
+    return check_layers(layers, num_layers, field)
 
 
 def mean_l2(policy: States, reference: States, layers: list[int], mask: Tensor, cap: float | None = None) -> Tensor:

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_serializer, field_validator, 
 
 from repbend.config import Section, format_errors
 from repbend.errors import RepbendError
+from repbend.layers import check_layers
 from repbend.io import OptionalUserPath, UserPath
 
 TRAIN_SPLITS = ("safe", "unsafe", "retain")
@@ -267,7 +268,9 @@ def checked_method(cfg: TrainConfig, shape: tuple[int, int] | None = None):
             method = build_method(cfg, shape)
         except RepbendError as e:
             errors.append(str(e))
-        bad = [i for i in cfg.lora.layers_to_transform or [] if not 0 <= i < num_layers]
-        if bad and not cfg.full_finetune:
-            errors.append(f"lora.layers_to_transform: blocks {bad} out of range 0..{num_layers - 1}")
+        if not cfg.full_finetune:
+            try:
+                check_layers(cfg.lora.layers_to_transform or [], num_layers, "lora.layers_to_transform", "block")
+            except RepbendError as e:
+                errors.append(str(e))
     return errors, method
