@@ -244,3 +244,16 @@ def test_budgeted_build_answers_only_what_training_draws_and_extends(fixture_sou
     for name in ("train.jsonl", "val.jsonl"):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
     assert build_dataset(big, tmp_path / "run", progress=False)["rows_needed"] == m2["rows_needed"]
+
+
+def test_the_default_build_keeps_its_config_hash():
+    """A finished `repbend data build` / demo data folder is recognised by this hash; if it changes, every user's
+    finished build is refused ('already holds a different build') and must be rebuilt. Change it only on purpose."""
+    from repbend.config import load_config
+    from repbend.data.build import config_hash
+    from repbend.data.build_config import load_build_config
+    from repbend.paths import resolve_config
+
+    cfg = load_build_config(str(resolve_config("data-default")))
+    cfg = load_config(type(cfg), data={**cfg.model_dump(mode="json"), "model": "default"})
+    assert config_hash(cfg) == "f76eb21f238f4097"

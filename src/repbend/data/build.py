@@ -29,6 +29,8 @@ import random
 import time
 from pathlib import Path
 
+import yaml
+
 from repbend.config import dump_config
 from repbend.data.build_config import DataBuildConfig, SourceSpec
 from repbend.data.dataset import check_row
@@ -53,7 +55,8 @@ def generate(*args, **kwargs):  # indirection so tests can interrupt a build
 def config_hash(cfg: DataBuildConfig) -> str:
     """Hash of the settings that decide each answer and row; ``rows_needed`` only decides how many requests are
     answered, so a build whose budget grows extends the same folder (answers already written are reused)."""
-    return sha256_text(dump_config(cfg.model_copy(update={"rows_needed": None})))[:16]
+    dump = cfg.model_dump(mode="json", exclude={"rows_needed"})   # the same text as before the field existed
+    return sha256_text(yaml.safe_dump(dump, sort_keys=False))[:16]
 
 
 def _prepare_out(out: Path, chash: str, overwrite: bool) -> dict | None:
