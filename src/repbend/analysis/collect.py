@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import torch
 
 from repbend.errors import RepbendError
+from repbend.models.generation import left_pad
 
 KINDS = ("harmful", "overrefusal", "benign")
 
@@ -187,12 +188,7 @@ def collect_states(model: Any, tokenizer: Any, prompts: list[Prompt], layers: li
     with _capture_last(model, layers, store):
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            width = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                x[r, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[r, width - len(ids[i]):] = 1
+            x, mask = left_pad([ids[i] for i in idx], pad)
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             store.clear()
             decoder(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)

@@ -54,6 +54,17 @@ from repbend.models.chat import prompt_ids
 from repbend.errors import RepbendError
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows padded on the left to the longest: ``(ids, attention_mask)``, both long (B, T)."""
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, q in enumerate(seqs):
+        ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
+        mask[r, width - len(q):] = 1
+    return ids, mask
+
+
 def _row_seed(seed: int, ids: list[int], sample: int) -> int:
     h = hashlib.sha256(f"{seed}|{sample}|{','.join(map(str, ids))}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
@@ -217,12 +228,7 @@ def _cb_generate(model, prompts: list[list[int]], pad_id: int, slots: int, max_n
         free = slots - len(alive)
         if queue and (not alive or free >= max(1, slots // 4)):
             take = [queue.popleft() for _ in range(min(free, len(queue)))]
-            width = max(len(prompts[j]) for j in take)
-            ids = torch.full((len(take), width), pad_id, dtype=torch.long)
-            m = torch.zeros((len(take), width), dtype=torch.long)
-            for r, j in enumerate(take):
-                ids[r, width - len(prompts[j]):] = torch.tensor(prompts[j])
-                m[r, width - len(prompts[j]):] = 1
+            ids, m = left_pad([prompts[j] for j in take], pad_id)
             ids, m = ids.to(device), m.to(device)
             c2 = DynamicCache(config=cfg)
             p2 = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
@@ -356,12 +362,7 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
             jobs_left = jobs
         for start in range(0, len(jobs_left), batch_size):
             chunk = jobs_left[start:start + batch_size]
-            width = max(len(prompts[i]) for i, _ in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (i, _) in enumerate(chunk):
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                attn[r, width - len(prompts[i]):] = 1
+            ids, attn = left_pad([prompts[i] for i, _ in chunk], pad_id)
             sampler = None
             if do_sample:
                 gens = [torch.Generator().manual_seed(_row_seed(seed, prompts[i], s)) for i, s in chunk]
@@ -373,7 +374,7 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
                     out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                                          generation_config=cfg,
                                          logits_processor=LogitsProcessorList([sampler] if sampler else []))
-                    rows = [out[r, width:].tolist() for r in range(len(chunk))]
+                    rows = [out[r, ids.shape[1]:].tolist() for r in range(len(chunk))]
             for r, job in enumerate(chunk):
                 new = rows[r]
                 cut = next((k for k, t in enumerate(new) if t in eos), len(new))
