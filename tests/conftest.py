@@ -136,6 +136,16 @@ def real_wheel(name: str, version: str, monkeypatch) -> Path:
     return wheel
 
 
+@pytest.fixture()
+def shared_cache(monkeypatch) -> str:
+    """The machine's own repbend cache for this test (slow tests reuse converted real models): its path."""
+    from platformdirs import user_cache_dir
+
+    cache = _REAL_CACHE or user_cache_dir("repbend")
+    monkeypatch.setenv("REPBEND_CACHE", cache)
+    return cache
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own REPBEND_CACHE unless it needs the shared one (slow tests)."""

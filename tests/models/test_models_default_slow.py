@@ -24,11 +24,6 @@ pytestmark = pytest.mark.slow
 USER_CACHE = os.environ.get("REPBEND_CACHE") or user_cache_dir("repbend")  # read before conftest isolates it
 
 
-@pytest.fixture()
-def shared_cache(monkeypatch):
-    monkeypatch.setenv("REPBEND_CACHE", USER_CACHE)
-    return USER_CACHE
-
 
 def test_first_conversion_from_the_wheel(tmp_path, monkeypatch, capsys):
     wheel = next(iter((os.path.join(USER_CACHE, "wheels", w) for w in os.listdir(os.path.join(USER_CACHE, "wheels"))

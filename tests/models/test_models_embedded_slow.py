@@ -7,11 +7,9 @@ disk and a lot of RAM while converting). A model whose packages cannot be fetche
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from platformdirs import user_cache_dir
 
 from repbend.errors import RepbendError
 from repbend.models import load_model
@@ -19,13 +17,7 @@ from repbend.models.embedded import EMBEDDED, embedded_model, verified_gguf
 from repbend.models.generation import generate
 
 pytestmark = pytest.mark.slow
-USER_CACHE = os.environ.get("REPBEND_CACHE") or user_cache_dir("repbend")  # read before conftest isolates it
 
-
-@pytest.fixture()
-def shared_cache(monkeypatch):
-    monkeypatch.setenv("REPBEND_CACHE", USER_CACHE)
-    return USER_CACHE
 
 
 def load_or_skip(alias: str):
