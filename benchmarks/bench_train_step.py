@@ -17,8 +17,11 @@ and activations of 6 x 1024-token rows); on a small machine pass --grad-checkpoi
 
 With ``--sft`` a third variant times plain supervised fine-tuning (response cross-entropy) of the same
 trainable weights on the same rows, one padded batch, and prints the RepBend / SFT step-time ratio.
+With ``--bf16`` the engine (and SFT) are timed again under bf16 autocast (``training.precision: bf16``,
+what accelerate's ``mixed_precision="bf16"`` does on a CPU): speed-up over fp32 and the first-step loss
+difference. On CPUs with AMX / AVX512-BF16 the matrix products run several times faster in bf16.
 
-    python benchmarks/bench_train_step.py [--data data/built-default] [--batch 2] [--steps 1] [--sft]
+    python benchmarks/bench_train_step.py [--data data/built-default] [--batch 2] [--steps 1] [--sft] [--bf16]
 """
 from __future__ import annotations
 
@@ -169,16 +172,17 @@ def child(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     model, tok, method, opt = build(args)
     items = samples(args, tok)
-    if args.variant == "engine":
+    if args.variant.startswith("engine"):
         step = engine_step_fn(model, tok, method)
-    elif args.variant == "sft":
+    elif args.variant.startswith("sft"):
         step = sft_step_fn(model, tok)
     else:
         step = reference_step_fn(model, tok, method, args.max_request, args.max_response)
     losses, times, cpu, gnorms = [], [], [], []
     for i in range(args.steps + 1):  # step 0 = warm-up (its loss is the one compared: same weights in both)
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = step(items)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.variant.endswith("_bf16")):
+            loss = step(items)
         loss.backward()
         gnorms.append(float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1e9)))
         opt.step()
@@ -201,26 +205,31 @@ def main() -> None:
     ap.add_argument("--max-response", type=int, default=512, help="Response width (reference pads to it).")
     ap.add_argument("--grad-checkpointing", action="store_true", help="Enable gradient checkpointing in both.")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per variant (0 = torch's default).")
-    ap.add_argument("--variant", choices=["engine", "reference", "sft"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=["engine", "reference", "sft", "engine_bf16", "sft_bf16"], help=argparse.SUPPRESS)
     ap.add_argument("--sft", action="store_true", help="Also time plain SFT on the same rows (RepBend / SFT ratio).")
     ap.add_argument("--reuse", nargs="*", default=[], metavar="VARIANT=FILE",
                     help="Take a variant's result from FILE (its JSON line) instead of running it again.")
+    ap.add_argument("--bf16", action="store_true", help="Also time the engine (and SFT) under bf16 autocast.")
+    ap.add_argument("--no-reference", action="store_true", help="Skip the reference formulation (e.g. bf16 on a "
+                                                                 "large model only).")
     args = ap.parse_args()
     args.reuse = dict(x.split("=", 1) for x in args.reuse)
     if args.variant:
         return child(args)
     res = {}
-    for variant in ("engine", "reference") + (("sft",) if args.sft else ()):
+    variants = ["engine"] + ([] if args.no_reference else ["reference"]) + (["sft"] if args.sft else [])
+    variants += [f"{v}_bf16" for v in ("engine", "sft") if v in variants] if args.bf16 else []
+    for variant in variants:
         if args.reuse and variant in args.reuse:  # a variant's JSON line from an earlier run (same args)
             res[variant] = json.loads(Path(args.reuse[variant]).read_text().strip().splitlines()[-1])
             continue
-        cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+        cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:] if a != "--bf16"]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
         res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{variant}: {json.dumps(res[variant])}", flush=True)
-    e, r = res["engine"], res["reference"]
+    e, r = res["engine"], res.get("reference", res["engine"])
     first = 0 if min(len(e["times"]), len(r["times"])) == 1 else 1  # steps 0: compare the warm-up steps
     timed = lambda x, k="times": (x[k][0] if first == 0 else sum(x[k][1:]) / (len(x[k]) - 1))  # noqa: E731
     rel = abs(e["losses"][0] - r["losses"][0]) / max(abs(r["losses"][0]), 1e-12)
@@ -231,6 +240,14 @@ def main() -> None:
     for name, x in res.items():
         print(f"{name:<10} {timed(x):>8.2f} {timed(x, 'cpu'):>8.2f} {x['tokens'] / timed(x):>9.1f} "
               f"{x['maxrss_mb']:>12.0f} {x['losses'][0]:>16.8f}")
+    for v in ("engine", "sft"):
+        if f"{v}_bf16" in res:
+            b, f32 = res[f"{v}_bf16"], res[v]
+            d = abs(b["losses"][0] - f32["losses"][0]) / max(abs(f32["losses"][0]), 1e-12)
+            print(f"{v}: bf16 autocast / fp32 speed-up {timed(f32) / timed(b):.2f}x wall, "
+                  f"{timed(f32, 'cpu') / timed(b, 'cpu'):.2f}x CPU time; first-step loss relative difference {d:.2e}")
+    if "reference" not in res:
+        return
     print(f"speed-up (reference / engine step time): {timed(r) / timed(e):.2f}x wall, "
           f"{timed(r, 'cpu') / timed(e, 'cpu'):.2f}x CPU time (robust when the machine is shared)")
     if "sft" in res:

@@ -152,6 +152,22 @@ def test_command_line_options_are_set_as_typed_values_not_reparsed(tmp_path):
         _csv("0,x", "--seeds", int)
 
 
+def test_demo_model_option_picks_the_embedded_models_train_config_and_folder():
+    from repbend.pipeline.commands import _load, model_values
+
+    mv = model_values("Qwen2.5-Coder-0.5B", "quick", None)
+    assert mv == {"model": "qwen2.5-coder-0.5b", "train_config": "train-qwen2.5-coder-0.5b",
+                  "output_dir": "runs/demo-quick-qwen2.5-coder-0.5b"}
+    cfg = _load("quick", mv.pop("output_dir"), [], **mv)
+    stages = plan(cfg)   # the shipped config is valid for that model (layer window inside its 24 blocks)
+    train = next(s for s in stages if s.name.startswith("train"))
+    assert train.fingerprint["train"]["method"]["params"]["target_start"] == 15
+    assert model_values("smollm2-135m", "full", "mine") == {"model": "smollm2-135m", "train_config": "train-default"}
+    assert model_values(None, "quick", None) == {}
+    with pytest.raises(RepbendError, match="not an embedded model"):
+        model_values("org/some-hub-model", "quick", None)
+
+
 def test_train_stages_get_the_pipeline_values_then_the_users_overrides(tmp_path):
     cfg = PipelineConfig(output_dir=str(tmp_path / "yes"), train_overrides=["training.max_steps=3"])
     train = next(s for s in plan(cfg) if s.name.startswith("train"))

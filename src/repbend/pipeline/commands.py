@@ -19,6 +19,30 @@ def _load(profile_or_path: str, output_dir: Optional[str], overrides: list[str],
                        values={k: v for k, v in values.items() if v is not None})
 
 
+def model_values(model: Optional[str], profile: str, output_dir: Optional[str]) -> dict:
+    """Pipeline values for ``--model``: an embedded model with its shipped train config (``train-default`` for the
+    default model, ``train-<alias>`` for the others) and, unless ``-o`` is given, its own output folder."""
+    if model is None:
+        return {}
+    from repbend.errors import RepbendError
+    from repbend.models.embedded import EMBEDDED, embedded_model
+    from repbend.paths import resolve_config
+
+    m = embedded_model(model)
+    if m is None:
+        names = ", ".join(a for e in EMBEDDED for a in e.aliases)
+        raise RepbendError(f"--model {model!r} is not an embedded model ({names}); for another model write a pipeline "
+                           f"YAML with its model and train_config (start from configs/train-default.yaml and set "
+                           f"method.params.target_start/target_window for its depth) and pass it with -p.")
+    alias = m.aliases[-1]   # the descriptive one (not "default")
+    train = "train-default" if m is EMBEDDED[0] else f"train-{alias}"
+    resolve_config(train, kind="train config")   # shipped with repbend; fails clearly if not
+    values = {"model": alias, "train_config": train}
+    if output_dir is None and not profile.endswith((".yaml", ".yml")):
+        values["output_dir"] = f"runs/demo-{profile}-{alias}"
+    return values
+
+
 def _csv(text: Optional[str], what: str, cast=str) -> Optional[list]:
     """A comma-separated option as a list (``--seeds 0,1,2``); None when not given."""
     if not text:
@@ -44,13 +68,16 @@ def register(app: typer.Typer) -> None:
                                     help="quick (quick suite, 1 seed, <30 min on 2 CPU cores) or full (full suite, 3 seeds), or a pipeline YAML."),
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Output folder (default: the profile's, runs/demo-<profile>)."),
         seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds, e.g. 0,1,2 (mean ± std is reported)."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Another embedded model (`repbend models`) with "
+                                                                        "its shipped train config, e.g. smollm2-135m."),
         overrides: Optional[list[str]] = typer.Argument(None, help="Pipeline overrides as key=value, e.g. train_overrides=[training.max_steps=50]."),
     ) -> None:
         """Run the whole RepBend pipeline on the embedded default model: build data, evaluate the original,
         train RepBend, evaluate it, and write a side-by-side report. Finished stages are skipped on a re-run."""
         from repbend.pipeline.jobs import run_pipeline
 
-        cfg = _load(profile, output_dir, overrides or [], seeds=_csv(seeds, "--seeds", int))
+        mv = model_values(model, profile, output_dir)
+        cfg = _load(profile, mv.pop("output_dir", output_dir), overrides or [], seeds=_csv(seeds, "--seeds", int), **mv)
         _finish(run_pipeline(cfg), cfg.output_dir)
 
     @app.command("compare")
