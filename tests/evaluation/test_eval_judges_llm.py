@@ -80,3 +80,27 @@ def test_indistinguishable_answers_error(tiny_model_dir):
     judge = LLMClassifierJudge(LLMClassifierConfig(model=str(tiny_model_dir), positive="Yes", negative="Yes"))
     with pytest.raises(RepbendError, match="cannot tell"):
         judge.score([JudgeItem("a", "b")])
+
+
+def test_chat_mode_sends_the_filled_template_as_the_user_turn(tiny_model_dir):
+    """chat: true wraps the instruct_classifier text in the classifier's chat template (assistant turn opened) and
+    reads the verdict at the first token of the reply."""
+    cfg = LLMClassifierConfig(model=str(tiny_model_dir), template="instruct_classifier", chat=True)
+    judge = LLMClassifierJudge(cfg)
+    item = JudgeItem("bake bread", "Mix flour and water, knead, bake at 220 C.")
+    v = judge.score([item])[0]
+    tok = judge.tokenizer
+    filled = fill_template(judge.template, item)
+    assert "REQUEST:\nbake bread" in filled and "Mix flour" in filled
+    prompt = judge.prompts([item])[0]
+    assert prompt == tok.apply_chat_template([{"role": "user", "content": filled}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert prompt != filled and prompt.index(filled) > 0
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        lp = torch.log_softmax(judge.model(input_ids=ids).logits[0, -1].float(), -1)
+    a, b = torch.logsumexp(lp[judge._pos], -1).item(), torch.logsumexp(lp[judge._neg], -1).item()
+    assert v.score == pytest.approx(1 / (1 + math.exp(b - a)), abs=1e-4)
+    tok.chat_template = None
+    with pytest.raises(RepbendError, match="no chat template"):
+        judge.prompts([item])

@@ -9,7 +9,10 @@ with and without a leading space, combined by logsumexp). ``score = sigmoid(lp_p
 Template files: plain text with the placeholders ``{behavior}`` and ``{generation}`` (both required) and
 ``{context}`` (optional; HarmBench contextual behaviours). A block ``[[if context]] ... [[end]]`` is
 kept only when the item has a context. Packaged templates (our own wording, in the published formats):
-``harmbench_classifier`` (Yes/No) and ``llamaguard`` (safe/unsafe); or pass a path to your own file.
+``harmbench_classifier`` (Yes/No) and ``llamaguard`` (safe/unsafe), both in their classifiers' raw prompt
+formats, and ``instruct_classifier`` (Yes/No), plain instructions for a general chat model used with
+``chat: true`` (the filled text becomes the user turn of the model's own chat template, and the verdict is
+the first token of the assistant's reply); or pass a path to your own file.
 """
 from __future__ import annotations
 
@@ -77,6 +80,10 @@ class LLMClassifierConfig(Section):
     batch_size: int = Field(4, ge=1, description="Items per forward pass.")
     max_generation_chars: int = Field(4000, ge=1, description="Answers are cut to this many characters before classification.")
     gibberish_is_safe: bool = Field(True, description="Never count answers the gibberish detector flags as harmful.")
+    chat: bool = Field(False, description="Send the filled template as the user turn of the classifier's chat template "
+                                          "and read the first token of its reply (for general instruct models, with "
+                                          "the instruct_classifier template); false: the raw template (HarmBench, "
+                                          "LlamaGuard classifiers).")
     device: str | None = Field(None, description="Device for the classifier (default: automatic).")
     dtype: str | None = Field(None, description="dtype for the classifier (default: automatic).")
 
@@ -112,7 +119,14 @@ class LLMClassifierJudge(Judge):
         self._pos, self._neg = pos, neg
 
     def prompts(self, items: list[JudgeItem]) -> list[str]:
-        return [fill_template(self.template, it, self.config.max_generation_chars) for it in items]
+        texts = [fill_template(self.template, it, self.config.max_generation_chars) for it in items]
+        if not self.config.chat:
+            return texts
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RepbendError(f"llm_classifier.chat is true but {self.config.model} has no chat template; use a chat "
+                               f"model or set chat: false with a raw prompt template.")
+        return [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                   add_generation_prompt=True) for t in texts]
 
     def score(self, items: list[JudgeItem]) -> list[Verdict]:
         import torch
