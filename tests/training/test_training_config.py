@@ -81,3 +81,14 @@ def test_the_resolved_config_of_a_run_loads_back_unchanged(tmp_path, full_finetu
     again = load_config(TrainConfig, tmp_path / "config.yaml")
     assert again == cfg
     assert ("lora" in yaml.safe_load(dump_config(cfg))) == (not full_finetune)
+
+
+def test_train_takes_a_shipped_config_by_name(capsys, tmp_path):
+    """`repbend train -c NAME` finds the shipped config (a pip install has no configs/ folder to point at);
+    here it stops at the missing data folder, which shows the name was resolved and validated."""
+    from cli_helpers import cli, one_line_error
+
+    code, _, err = cli(capsys, "train", "-c", "train-qwen2.5-coder-0.5b", f"data.dir={tmp_path / 'nodata'}")
+    one_line_error(code, err, "nodata", "has no train.jsonl")
+    code, _, err = cli(capsys, "train", "-c", "no-such-config")
+    one_line_error(code, err, "no-such-config")

@@ -1,7 +1,6 @@
 """CLI: ``repbend train`` and ``repbend merge`` (thin layers over the Python API)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -10,7 +9,8 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
-        config: Path = typer.Option(..., "--config", "-c", help="Training config YAML (see configs/train-default.yaml)."),
+        config: str = typer.Option(..., "--config", "-c", help="Training config: a YAML file or a shipped name "
+                                                               "(train-default, train-qwen2.5-coder-0.5b, ...)."),
         overrides: Optional[list[str]] = typer.Argument(None, help="Overrides like training.max_steps=10 method.params.beta=0.3."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last good "
                                     "checkpoint (a run stopped before its first checkpoint starts over)."),
@@ -20,9 +20,10 @@ def register(app: typer.Typer) -> None:
         """Train a model with RepBend (or another registered method) and save the adapter/weights."""
         from repbend.config import load_config
         from repbend.io import user_path
+        from repbend.paths import resolve_config
         from repbend.training import TrainConfig, train
 
-        cfg = load_config(TrainConfig, user_path(config, "--config"), overrides or [])
+        cfg = load_config(TrainConfig, resolve_config(user_path(config, "--config"), kind="train config"), overrides or [])
         run_dir = train(cfg, resume=resume, overwrite=overwrite)
         typer.echo(f"done: {run_dir}")
 
