@@ -97,27 +97,24 @@ def plot(models: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     x = [m["params_b"] for m in models]
+
+    def rb(ax, key, color, label="RepBend"):
+        ax.errorbar(x, [100 * m["repbend"][key]["mean"] for m in models],
+                    yerr=[100 * (m["repbend"][key]["std"] or 0) for m in models], fmt="o-", color=color, capsize=3,
+                    label=label)
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    ax = axes[0]
-    ax.plot(x, [100 * m["original"]["core_asr"] for m in models], "o-", color="tab:gray", label="original")
-    ax.errorbar(x, [100 * m["repbend"]["core_asr"]["mean"] for m in models],
-                yerr=[100 * (m["repbend"]["core_asr"]["std"] or 0) for m in models], fmt="o-", color="tab:red",
-                capsize=3, label="RepBend")
-    ax.set_ylabel("core-attack ASR %")
+    for ax, key, color, ylabel in ((axes[0], "core_asr", "tab:red", "core-attack ASR %"),
+                                   (axes[2], "over_refusal", "tab:blue", "held-out over-refusal compliance %")):
+        ax.plot(x, [100 * m["original"][key] for m in models], "o-", color="tab:gray", label="original")
+        rb(ax, key, color)
+        ax.set_ylabel(ylabel)
     ax = axes[1]
-    ax.errorbar(x, [100 * m["repbend"]["cut"]["mean"] for m in models],
-                yerr=[100 * (m["repbend"]["cut"]["std"] or 0) for m in models], fmt="o-", color="tab:red", capsize=3,
-                label="RepBend (this CPU budget)")
+    rb(ax, "cut", "tab:red", "RepBend (this CPU budget)")
     ax.axhspan(91, 95, color="tab:green", alpha=0.2, label="paper, 7-8B (91-95%)")
     ax.axhline(90, color="tab:green", ls="--", lw=1, label="target 90%")
     ax.set_ylabel("cut of core ASR %")
     ax.set_ylim(min(0, min(100 * m["repbend"]["cut"]["mean"] for m in models) - 5), 100)
-    ax = axes[2]
-    ax.plot(x, [100 * m["original"]["over_refusal"] for m in models], "o-", color="tab:gray", label="original")
-    ax.errorbar(x, [100 * m["repbend"]["over_refusal"]["mean"] for m in models],
-                yerr=[100 * (m["repbend"]["over_refusal"]["std"] or 0) for m in models], fmt="o-", color="tab:blue",
-                capsize=3, label="RepBend")
-    ax.set_ylabel("held-out over-refusal compliance %")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xticks(x, [m["name"].split("-Instruct")[0] for m in models], rotation=15, fontsize=7)
