@@ -125,6 +125,36 @@ def test_resume_ends_with_same_weights(tiny_model_dir, built_dir, tmp_path, monk
     assert [float(r["loss/total"]) for r in la] == pytest.approx([float(r["loss/total"]) for r in lb], rel=1e-6)
 
 
+def test_a_full_fine_tuning_run_resumes_from_its_own_config(tiny_model_dir, built_dir, tmp_path, monkeypatch):
+    """config.yaml of a full fine-tuning run leaves `lora` out (it would not load back); resuming compares the new
+    config in that same form, so the run is not refused as "differs on lora"."""
+    from repbend.training.config import TrainConfig
+
+    def full_cfg(out):
+        data = tiny_train_config(tiny_model_dir, built_dir, out, max_steps=4, save_every=2,
+                                 layer_stats_every=0).model_dump(mode="json")
+        data.pop("lora")
+        return TrainConfig.model_validate({**data, "full_finetune": True, "training": {**data["training"], "lr": 1e-3}})
+
+    straight = train(full_cfg(tmp_path / "straight"))
+    real = trainer_mod.save_checkpoint
+
+    def crash_after_save(*a, **k):
+        real(*a, **k)
+        raise _Stop()
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", crash_after_save)
+    cfg = full_cfg(tmp_path / "resumed")
+    with pytest.raises(_Stop):
+        train(cfg)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real)
+    resumed = train(cfg, resume=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in _metrics(resumed)] == ["1", "2", "3", "4"]
+
+
 def test_resume_refuses_a_changed_config(tiny_model_dir, built_dir, tmp_path, monkeypatch):
     cfg = tiny_train_config(tiny_model_dir, built_dir, tmp_path / "run", max_steps=2, save_every=1, layer_stats_every=0)
     train(cfg)

@@ -154,7 +154,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> 
     if not (run_dir / "config.yaml").is_file():
         raise RepbendError(f"--resume: {run_dir} has checkpoints but no config.yaml to check the new config against; "
                            f"restore it (the config the run started with), or pass --overwrite to start over.")
-    diff = config_diff(read_run_config(run_dir), cfg.model_dump(mode="json"))
+    # the new config in the form config.yaml was written in (full fine-tuning leaves `lora` out)
+    diff = config_diff(read_run_config(run_dir), cfg.model_dump(mode="json", exclude=cfg.dump_exclude()))
     if diff:
         raise RepbendError(f"--resume: the config differs from the run in {run_dir} on {', '.join(diff)} "
                            f"(adapter/base/method mismatch); resume with the original config or start a new output_dir.")
