@@ -117,6 +117,7 @@ def plot(models: list[dict], path: Path) -> None:
     ax.set_ylim(min(0, min(100 * m["repbend"]["cut"]["mean"] for m in models) - 5), 100)
     for ax in axes:
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(x, [m["name"].split("-Instruct")[0] for m in models], rotation=15, fontsize=7)
         ax.set_xlabel("model (log parameters)")
         ax.legend(fontsize=7)
