@@ -12,16 +12,21 @@ import yaml
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """``repbend ARGS`` through ``repbend.cli.main``; returns (exit code, stdout, stderr)."""
+def exit_code(argv) -> int:
+    """``repbend ARGV`` through ``repbend.cli.main``; its exit code (output left to the caller's capsys)."""
     from repbend.cli import main
 
-    capsys.readouterr()
     try:
-        main([str(a) for a in args])
-        code = 0
+        main([str(a) for a in argv])
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """``repbend ARGS`` through ``repbend.cli.main``; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = exit_code(args)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -11,7 +11,7 @@ import torch
 
 from gguf_parts import split_into_wheels, write_tiny_gguf
 from repbend import cache
-from repbend.cli import main
+from cli_helpers import exit_code
 from repbend.errors import RepbendError
 from repbend.models import embedded, load_model, resolve_model
 from repbend.models.embedded import ALIASES, BY_NAME, EMBEDDED, ensure_model, verified_gguf
@@ -33,7 +33,7 @@ def test_registry_is_consistent():
 
 
 def test_cli_lists_every_embedded_model_with_its_facts(capsys):
-    main_rc = _run(["models"])
+    main_rc = exit_code(["models"])
     out = capsys.readouterr().out
     assert main_rc == 0
     for m in EMBEDDED:
@@ -42,16 +42,9 @@ def test_cli_lists_every_embedded_model_with_its_facts(capsys):
 
 
 def test_cli_prepare_rejects_a_non_embedded_spec(tiny_model_dir, capsys):
-    assert _run(["models", "--prepare", str(tiny_model_dir)]) == 2
+    assert exit_code(["models", "--prepare", str(tiny_model_dir)]) == 2
     assert "embedded models" in capsys.readouterr().err
 
-
-def _run(argv) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 # --------------------------------------------------------------------------- the path, on a tiny split GGUF

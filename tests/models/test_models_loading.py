@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer
-from repbend.cli import main
+from cli_helpers import exit_code
 from repbend.errors import RepbendError
 from repbend.models import list_aliases, load_model, resolve_model
 from repbend.models import loading
@@ -132,21 +132,14 @@ def test_adapter_folder_problems(tiny_model_dir, tmp_path):
         load_model(str(tiny_model_dir), adapter=str(tmp_path))
 
 
-def run_cli(argv) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
 
 def test_cli_models_chat_and_user_errors(tiny_model_dir, capsys):
-    assert run_cli(["models"]) == 0
+    assert exit_code(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct  [not converted]  aliases: default" in out
-    assert run_cli(["chat", "--model", str(tiny_model_dir), "-n", "4", "--system", "Be brief.", "Hi"]) == 0
+    assert exit_code(["chat", "--model", str(tiny_model_dir), "-n", "4", "--system", "Be brief.", "Hi"]) == 0
     assert "generated in" in capsys.readouterr().err
     for argv in (["models", "./missing-folder"], ["chat", "--model", "defualt", "hi"]):
-        assert run_cli(argv) == 2
+        assert exit_code(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
