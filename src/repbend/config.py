@@ -151,8 +151,13 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return cfg
 
 
-def dump_config(cfg: BaseModel) -> str:
-    """The resolved config as YAML that :func:`load_config` reads back into the same config. A config class leaves
-    out sections that do not apply (``dump_exclude()``, e.g. ``lora`` of a full fine-tuning run)."""
+def saved_dump(cfg: BaseModel) -> dict:
+    """The resolved config as the dict :func:`dump_config` writes. A config class leaves out sections that do not
+    apply (``dump_exclude()``, e.g. ``lora`` of a full fine-tuning run)."""
     exclude = cfg.dump_exclude() if hasattr(cfg, "dump_exclude") else None
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
+    return cfg.model_dump(mode="json", exclude=exclude)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML that :func:`load_config` reads back into the same config (:func:`saved_dump`)."""
+    return yaml.safe_dump(saved_dump(cfg), sort_keys=False)

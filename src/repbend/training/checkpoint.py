@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from repbend.config import saved_dump
 from repbend.errors import RepbendError
 from repbend.io import atomic_write_json, claim_output, remove_run_files, sha256_file
 from repbend.training.config import TrainConfig
@@ -154,8 +155,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> 
     if not (run_dir / "config.yaml").is_file():
         raise RepbendError(f"--resume: {run_dir} has checkpoints but no config.yaml to check the new config against; "
                            f"restore it (the config the run started with), or pass --overwrite to start over.")
-    # the new config in the form config.yaml was written in (full fine-tuning leaves `lora` out)
-    diff = config_diff(read_run_config(run_dir), cfg.model_dump(mode="json", exclude=cfg.dump_exclude()))
+    diff = config_diff(read_run_config(run_dir), saved_dump(cfg))   # both in config.yaml's form
     if diff:
         raise RepbendError(f"--resume: the config differs from the run in {run_dir} on {', '.join(diff)} "
                            f"(adapter/base/method mismatch); resume with the original config or start a new output_dir.")
