@@ -127,6 +127,13 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def torch_threads() -> int | None:
+    """torch's intra-op thread count: float sums are split by it, so results reproduce bit for bit only at the
+    same count (``None`` when torch is not imported, e.g. a config-only command)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
 def git_commit() -> str | None:
     """The commit of the repbend source checkout, if it is one (``None`` for a wheel install)."""
     here = Path(__file__).resolve().parent
@@ -155,6 +162,7 @@ def write_run_info(out_dir: str | Path, config: Any = None, seed: int | None = N
         "seed": seed,
         "git_commit": git_commit(),
         "versions": package_versions(),
+        "threads": torch_threads(),
         "argv": sys.argv,
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
