@@ -198,13 +198,13 @@ def test_demo_builds_only_the_rows_its_training_draws(tmp_path):
         cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides, **extra})
         return {s.name: s for s in plan(cfg)}
 
-    short = stages(["training.max_steps=10"], build_only_needed=True)
+    short = stages(["training.max_steps=10"])   # the default
     budget = short["build data"].fingerprint["data"]["rows_needed"]
     assert budget == {"safe": 20, "unsafe": 20, "retain": 20, "margin": 0.25}    # 10 steps x 2 rows per split
-    longer = stages(["training.max_steps=30"], build_only_needed=True)
+    longer = stages(["training.max_steps=30"])
     assert longer["build data"].fingerprint["data"]["rows_needed"]["unsafe"] == 60   # more steps extend the build
     assert longer["train repbend seed 0"].fingerprint["data"] == longer["build data"].fingerprint["data"]
-    everything = stages([])   # the default: the whole pool (the shipped results were built so)
+    everything = stages([], build_only_needed=False)   # the whole pool, as `repbend data build`
     assert everything["build data"].fingerprint["data"]["rows_needed"] is None
 
 

@@ -32,10 +32,12 @@ class PipelineConfig(Section):
     suite: str = Field("quick", description="Evaluation suite (quick, full, or a path).")
     suite_overrides: list[str] = Field([], description="Overrides for the suite.")
     output_dir: UserPath = Field(..., description="Folder holding every stage's output and the final report.")
-    build_only_needed: bool = Field(False, description="The data build answers only the requests whose rows the "
-                                                       "training steps draw (plus a margin), not the whole pool: "
-                                                       "about half the build time, other training rows than a full "
-                                                       "build (results move within seed noise).")
+    build_only_needed: bool = Field(True, description="The data build answers only the requests whose rows the "
+                                                      "training steps draw (plus a margin), not the whole pool; "
+                                                      "false: every request (what `repbend data build` does).")
+    eval_dtype: str | None = Field(None, description="Model dtype of the evaluations (null = the loader's choice: "
+                                                     "bfloat16 on a GPU, float32 on a CPU); see docs/PERFORMANCE.md "
+                                                     "for how bf16 answers differ from fp32 ones.")
     analyze_prompts: int = Field(24, ge=0, description="Prompts per kind for the representation analysis of each "
                                                       "trained model against the original (`repbend analyze`: "
                                                       "separability, bending, logit lens, PCA); 0 = no analysis.")
@@ -129,10 +131,12 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         d = out / name
         s = with_reference_model(suite, cfg.model) if model else suite   # a full model: KL against the base
         ecfg = EvalConfig(model=model or cfg.model, adapter=str(adapter) if adapter else None, suite=s,
-                          output_dir=str(d))
-        return Stage(f"evaluate {name}", d, lambda: evaluate(ecfg),
-                     {"model": model or cfg.model, "adapter": str(adapter),
-                      "suite": suite_fp if s is suite else s.model_dump(mode="json")})
+                          output_dir=str(d), dtype=cfg.eval_dtype)
+        fp = {"model": model or cfg.model, "adapter": str(adapter),
+              "suite": suite_fp if s is suite else s.model_dump(mode="json")}
+        if cfg.eval_dtype:   # left out while unset: finished evaluations of older versions are not redone
+            fp["dtype"] = cfg.eval_dtype
+        return Stage(f"evaluate {name}", d, lambda: evaluate(ecfg), fp)
 
     def analyze_stage(d: Path, run: Path, full_finetune: bool) -> Stage:
         from repbend.analysis import AnalyzeConfig, analyze
