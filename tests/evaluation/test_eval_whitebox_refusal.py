@@ -8,7 +8,7 @@ from repbend.errors import RepbendError
 from repbend.evaluation.attacks import ATTACKS
 from repbend.evaluation.suites import build
 from repbend.evaluation.attacks import whitebox_common as wb
-from repbend.evaluation.attacks.refusal_direction import (RefusalAblation, RefusalAblationConfig, ablation_hooks,
+from repbend.evaluation.attacks.refusal_direction import (RefusalAblation, RefusalAblationConfig, ablation_hooks, choose,
                                                           last_token_states, mean_directions, orthogonalise)
 from repbend.evaluation.store import Store
 from repbend.evaluation.target import ModelTarget
@@ -86,7 +86,9 @@ def test_attack_end_to_end_and_resume(tiny_model, tiny_tokenizer, tmp_path, monk
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     out = attack.run(behaviours, target, store)
     assert len(out) == 1 and out[0].variant.startswith("layer") and out[0].meta["cost"]["seconds"] > 0
-    assert [row["layer"] for row in out[0].meta["validation"]] == [None, 1, 3]
+    rows = out[0].meta["validation"]
+    assert [row["layer"] for row in rows] == [None, 1, 3]
+    assert rows[0]["harmless_kl"] == 0.0 and all(row["harmless_kl"] >= 0 for row in rows)
     assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
     assert target.model is tiny_model and target.fingerprint == "tiny"
     # direction computed from the model's own activations on the two sets
@@ -102,3 +104,13 @@ def test_bad_config_is_an_error(tiny_model):
         build(ATTACKS, {"name": RefusalAblation.name, "n_train": 0})
     with pytest.raises(RepbendError, match="out of range"):
         RefusalAblation(RefusalAblationConfig(layers=[0])).candidate_layers(4)
+
+
+def test_choice_skips_directions_that_break_harmless_answers():
+    rows = [{"layer": None, "refusal_rate": 0.5, "refusal_score": 1.0, "harmless_kl": 0.0},
+            {"layer": 4, "refusal_rate": 0.0, "refusal_score": -3.0, "harmless_kl": 0.9},    # lowest, but breaks the model
+            {"layer": 8, "refusal_rate": 0.0, "refusal_score": -2.0, "harmless_kl": 0.05},
+            {"layer": 12, "refusal_rate": 0.25, "refusal_score": -4.0, "harmless_kl": 0.01}]
+    assert choose(rows, 0.1)["layer"] == 8
+    assert choose(rows, None)["layer"] == 4
+    assert choose(rows, 0.001)["layer"] == 4          # none passes: every candidate competes

@@ -7,7 +7,10 @@
 3. Validation (held-out AdvBench requests): ablate each candidate with hooks on the modules that write
    into the residual stream (the same maths as step 4, without copying weights) and measure the refusal rate of short greedy answers (``judges.refusal.is_refusal``); ties are
    broken by the refusal score, ``log p(refusal opener) - log p(anything else)`` at the first answer
-   token. The direction with the lowest (rate, score) wins.
+   token. As in Arditi et al. (2024), candidates whose ablation changes the first answer token's
+   distribution on held-out harmless requests by more than ``max_kl`` (mean KL, nats) are skipped: such
+   a direction breaks the model rather than its refusals. The remaining direction with the lowest
+   (rate, score) wins (all candidates compete if none passes; ``meta.validation`` records each one's KL).
 4. The winning direction is projected out of every weight that writes into the residual stream
    (token embedding, each block's attention output and MLP down projection) on a COPY of the model
    (PEFT adapters merged in; tied output embeddings untied first so the read side is unchanged), and
@@ -47,6 +50,9 @@ class RefusalAblationConfig(Section):
                                                        "n_candidates evenly spaced over 25%..75% of the depth.")
     n_candidates: int = Field(4, gt=0, description="Number of candidate layers when layers is not given.")
     val_max_new_tokens: int = Field(16, gt=0, description="Answer length used to judge refusals during validation.")
+    max_kl: float | None = Field(0.1, ge=0, description="Skip candidates whose ablation moves the first answer token's "
+                                                        "distribution on n_val harmless requests by more than this mean "
+                                                        "KL (nats), as Arditi et al.; null = no filter.")
     batch_size: int = Field(16, gt=0, description="Requests per forward pass when collecting activations.")
     max_new_tokens: int | None = Field(None, gt=0, description="Answer length of the attack; default: the suite's.")
     seed: int = Field(0, description="Seed for the choice of training/validation requests.")
@@ -82,22 +88,22 @@ def candidate_layers(attack: str, layers: list[int] | None, n_candidates: int, n
 
 
 def contrast_states(attack: str, model: Any, tokenizer: Any, behaviours: list[Behaviour], cfg: Any,
-                    cost: wb.Cost) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                    cost: wb.Cost) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     """Last-prompt-token states [L+1, n_train, d] of ``cfg.n_train`` harmful (AdvBench minus the evaluation behaviours)
-    and harmless (project) requests, seeded by ``cfg.seed``, and the next ``cfg.n_val`` harmful requests for
-    validation. Call inside ``wb.frozen(model)``."""
+    and harmless (project) requests, seeded by ``cfg.seed``, and the next ``cfg.n_val`` harmful and harmless requests
+    for validation. Call inside ``wb.frozen(model)``."""
     rng = random.Random(cfg.seed)
     harmful = [g for g, _ in wb.advbench_pairs(exclude=behaviours)]
     harmless = list(wb.harmless_prompts())   # a copy: the shuffle below must not reorder the caller's list
     rng.shuffle(harmful)
     rng.shuffle(harmless)
-    if len(harmful) < cfg.n_train + cfg.n_val or len(harmless) < cfg.n_train:
+    if len(harmful) < cfg.n_train + cfg.n_val or len(harmless) < cfg.n_train + cfg.n_val:
         raise RepbendError(f"Attack '{attack}': n_train + n_val = {cfg.n_train + cfg.n_val} exceeds the "
                            f"available requests ({len(harmful)} harmful, {len(harmless)} harmless); lower them.")
     h = last_token_states(model, tokenizer, harmful[:cfg.n_train], cfg.batch_size)
     b = last_token_states(model, tokenizer, harmless[:cfg.n_train], cfg.batch_size)
     cost.forward += 2 * cfg.n_train
-    return h, b, harmful[cfg.n_train:cfg.n_train + cfg.n_val]
+    return h, b, harmful[cfg.n_train:cfg.n_train + cfg.n_val], harmless[cfg.n_train:cfg.n_train + cfg.n_val]
 
 
 def mean_directions(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
@@ -150,43 +156,61 @@ def orthogonalise(model: Any, r: torch.Tensor) -> None:
                 lin.bias -= (lin.bias @ rr) * rr
 
 
-def _refusal_score(model: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> float:
-    """Mean log-odds that the first answer token opens a refusal."""
+def _first_token_logprobs(model: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> torch.Tensor:
+    """Log-probabilities [N, vocab] of the first answer token (fp32)."""
     from repbend.data.chat import prompt_ids
 
-    opener = sorted({tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in REFUSAL_OPENERS})
     dev = wb.model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores = []
+    out = []
     with torch.no_grad():
         for s in range(0, len(prompts), batch_size):
             ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts[s:s + batch_size]]
             width = max(map(len, ids))
             x = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=dev)
             mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=dev)
-            logp = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                         logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
-            p = logp[:, opener].logsumexp(-1)
-            scores += (p - torch.log1p(-p.exp().clamp(max=1 - 1e-6))).tolist()
-    return sum(scores) / len(scores)
+            out.append(model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             logits_to_keep=1).logits[:, -1].float().log_softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def _refusal_score(logp: torch.Tensor, tokenizer: Any) -> float:
+    """Mean log-odds that the first answer token opens a refusal."""
+    opener = sorted({tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in REFUSAL_OPENERS})
+    p = logp[:, opener].logsumexp(-1)
+    return (p - torch.log1p(-p.exp().clamp(max=1 - 1e-6))).mean().item()
 
 
 def validate(model: Any, tokenizer: Any, dirs: torch.Tensor, layers: list[int], prompts: list[str],
-             cfg: RefusalAblationConfig) -> list[dict]:
-    """Refusal rate and score on ``prompts`` with each candidate direction ablated (plus the baseline)."""
+             cfg: RefusalAblationConfig, harmless: list[str] | None = None) -> list[dict]:
+    """Refusal rate and score on ``prompts`` with each candidate direction ablated (plus the baseline), and the mean
+    KL of the first answer token's distribution on ``harmless`` requests against the unablated model."""
     from repbend.evaluation.judges.refusal import is_refusal
     from repbend.models.generation import generate
 
-    rows = []
+    rows, base = [], None
     for layer in [None, *layers]:
         ctx = ablation_hooks(model, dirs[layer]) if layer is not None else contextlib.nullcontext()
         with ctx:
             texts = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                              max_new_tokens=cfg.val_max_new_tokens, batch_size=cfg.batch_size, progress=False)
-            score = _refusal_score(model, tokenizer, prompts, cfg.batch_size)
+            score = _refusal_score(_first_token_logprobs(model, tokenizer, prompts, cfg.batch_size), tokenizer)
+            safe = _first_token_logprobs(model, tokenizer, harmless, cfg.batch_size) if harmless else None
         rate = sum(is_refusal(t[0]) for t in texts) / len(texts)
-        rows.append({"layer": layer, "refusal_rate": round(rate, 4), "refusal_score": round(score, 4)})
+        row = {"layer": layer, "refusal_rate": round(rate, 4), "refusal_score": round(score, 4)}
+        if safe is not None:
+            base = safe if base is None else base
+            row["harmless_kl"] = round(F.kl_div(safe, base, log_target=True, reduction="batchmean").item(), 4)
+        rows.append(row)
     return rows
+
+
+def choose(rows: list[dict], max_kl: float | None) -> dict:
+    """The candidate (not the baseline row) with the lowest (refusal rate, score) among those within ``max_kl``
+    on harmless requests; all candidates if none is."""
+    cands = rows[1:]
+    ok = [r for r in cands if max_kl is None or r.get("harmless_kl", 0.0) <= max_kl]
+    return min(ok or cands, key=lambda r: (r["refusal_rate"], r["refusal_score"]))
 
 
 class RefusalAblation(Attack):
@@ -206,12 +230,12 @@ class RefusalAblation(Attack):
     def find_direction(self, model: Any, tokenizer: Any, behaviours: list[Behaviour], cost: wb.Cost) -> dict:
         c = self.config
         with wb.frozen(model):
-            h, b, val = contrast_states(self.name, model, tokenizer, behaviours, c, cost)
+            h, b, val, val_harmless = contrast_states(self.name, model, tokenizer, behaviours, c, cost)
             dirs = mean_directions(h, b)
             layers = self.candidate_layers(dirs.shape[0] - 1)
-            rows = validate(model, tokenizer, dirs, layers, val, c)
-            cost.forward += len(rows) * c.n_val * (c.val_max_new_tokens + 1)
-        best = min(rows[1:], key=lambda r: (r["refusal_rate"], r["refusal_score"]))
+            rows = validate(model, tokenizer, dirs, layers, val, c, val_harmless if c.max_kl is not None else None)
+            cost.forward += len(rows) * c.n_val * (c.val_max_new_tokens + 1 + (c.max_kl is not None))
+        best = choose(rows, c.max_kl)
         return {"layer": best["layer"], "direction": dirs[best["layer"]].tolist(), "validation": rows,
                 "harmful_source": "advbench (evaluation behaviours removed)", "harmless_source": "project benign"}
 

@@ -94,7 +94,7 @@ class Steering(Attack):
     def find_steer(self, model: Any, tokenizer: Any, behaviours: list[Behaviour], cost: wb.Cost) -> dict:
         c = self.config
         with wb.frozen(model):
-            h, b, val = contrast_states(self.name, model, tokenizer, behaviours, c, cost)
+            h, b, val, _ = contrast_states(self.name, model, tokenizer, behaviours, c, cost)
             diff = h.mean(1) - b.mean(1)                          # (L+1, d)
             layers = self.candidate_layers(diff.shape[0] - 1)
             shifts = {(l, co): -co * diff[l] for l in layers for co in sorted(set(c.coefficients))}
