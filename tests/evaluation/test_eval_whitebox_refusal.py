@@ -113,4 +113,4 @@ def test_choice_skips_directions_that_break_harmless_answers():
             {"layer": 12, "refusal_rate": 0.25, "refusal_score": -4.0, "harmless_kl": 0.01}]
     assert choose(rows, 0.1)["layer"] == 8
     assert choose(rows, None)["layer"] == 4
-    assert choose(rows, 0.001)["layer"] == 4          # none passes: every candidate competes
+    assert choose(rows, 0.001)["layer"] == 12         # none passes: the least disturbing one

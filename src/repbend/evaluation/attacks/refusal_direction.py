@@ -10,7 +10,7 @@
    token. As in Arditi et al. (2024), candidates whose ablation changes the first answer token's
    distribution on held-out harmless requests by more than ``max_kl`` (mean KL, nats) are skipped: such
    a direction breaks the model rather than its refusals. The remaining direction with the lowest
-   (rate, score) wins (all candidates compete if none passes; ``meta.validation`` records each one's KL).
+   (rate, score) wins; if none passes, the one with the lowest KL (``meta.validation`` records each one's KL).
 4. The winning direction is projected out of every weight that writes into the residual stream
    (token embedding, each block's attention output and MLP down projection) on a COPY of the model
    (PEFT adapters merged in; tied output embeddings untied first so the read side is unchanged), and
@@ -207,10 +207,12 @@ def validate(model: Any, tokenizer: Any, dirs: torch.Tensor, layers: list[int], 
 
 def choose(rows: list[dict], max_kl: float | None) -> dict:
     """The candidate (not the baseline row) with the lowest (refusal rate, score) among those within ``max_kl``
-    on harmless requests; all candidates if none is."""
+    on harmless requests; if none is, the one that disturbs harmless requests least."""
     cands = rows[1:]
     ok = [r for r in cands if max_kl is None or r.get("harmless_kl", 0.0) <= max_kl]
-    return min(ok or cands, key=lambda r: (r["refusal_rate"], r["refusal_score"]))
+    if not ok:
+        return min(cands, key=lambda r: r["harmless_kl"])
+    return min(ok, key=lambda r: (r["refusal_rate"], r["refusal_score"]))
 
 
 class RefusalAblation(Attack):
