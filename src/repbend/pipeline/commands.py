@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         profile: str = typer.Option("quick", "--profile", "-p",
-                                    help="quick (quick suite, 1 seed, <30 min on 2 CPU cores) or full (full suite, 3 seeds), or a pipeline YAML."),
+                                    help="quick (quick suite, 1 seed, ~20 min on 2 CPU cores) or full (full suite, 3 seeds), or a pipeline YAML."),
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Output folder (default: the profile's, runs/demo-<profile>)."),
         seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds, e.g. 0,1,2 (mean ± std is reported)."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Another embedded model (`repbend models`) with "
