@@ -220,3 +220,14 @@ def test_summary_links_the_analysis_of_each_trained_model(tmp_path):
     assert "[../analysis-repbend-s0/summary.md](../analysis-repbend-s0/summary.md)" in md
     assert "![bending.png](../analysis-repbend-s0/bending.png)" in md and "separability.png" not in md
     assert "analysis-repbend-s1" not in md     # an analysis that did not run is not linked
+
+
+def test_eval_dtype_reaches_the_evaluation_stages_only_when_set(tmp_path):
+    def evals(**extra):
+        cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), **extra})
+        return [s for s in plan(cfg) if s.name.startswith("evaluate")]
+
+    assert all("dtype" not in s.fingerprint for s in evals())          # finished evaluations stay valid
+    bf16 = evals(eval_dtype="bfloat16")
+    assert bf16 and all(s.fingerprint["dtype"] == "bfloat16" for s in bf16)
+    assert {s.key for s in bf16}.isdisjoint({s.key for s in evals()})   # another dtype is another evaluation
