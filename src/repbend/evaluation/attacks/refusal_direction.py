@@ -58,21 +58,27 @@ class RefusalAblationConfig(Section):
     seed: int = Field(0, description="Seed for the choice of training/validation requests.")
 
 
-@torch.no_grad()
-def last_token_states(model: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> torch.Tensor:
-    """Hidden states [L+1, N, d] at the last prompt token (left padding, positions from the mask)."""
+def _prompt_batches(model: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> Iterator[dict]:
+    """Model inputs for ``prompts`` as single user turns, ``batch_size`` at a time: left-padded ids, the mask and
+    positions from the mask (the last column is every prompt's last token)."""
     from repbend.data.chat import prompt_ids
 
     dev = wb.model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
     for s in range(0, len(prompts), batch_size):
         ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts[s:s + batch_size]]
         width = max(map(len, ids))
         x = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=dev)
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=dev)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        hs = model(input_ids=x, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
+        yield {"input_ids": x, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
+@torch.no_grad()
+def last_token_states(model: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> torch.Tensor:
+    """Hidden states [L+1, N, d] at the last prompt token (left padding, positions from the mask)."""
+    out = []
+    for inputs in _prompt_batches(model, tokenizer, prompts, batch_size):
+        hs = model(**inputs, output_hidden_states=True).hidden_states
         out.append(torch.stack([h[:, -1].float() for h in hs]))
     return torch.cat(out, dim=1)
 
@@ -156,22 +162,11 @@ def orthogonalise(model: Any, r: torch.Tensor) -> None:
                 lin.bias -= (lin.bias @ rr) * rr
 
 
+@torch.no_grad()
 def _first_token_logprobs(model: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> torch.Tensor:
     """Log-probabilities [N, vocab] of the first answer token (fp32)."""
-    from repbend.data.chat import prompt_ids
-
-    dev = wb.model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts[s:s + batch_size]]
-            width = max(map(len, ids))
-            x = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=dev)
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=dev)
-            out.append(model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                             logits_to_keep=1).logits[:, -1].float().log_softmax(-1).cpu())
-    return torch.cat(out)
+    return torch.cat([model(**inputs, logits_to_keep=1).logits[:, -1].float().log_softmax(-1).cpu()
+                      for inputs in _prompt_batches(model, tokenizer, prompts, batch_size)])
 
 
 def _refusal_score(logp: torch.Tensor, tokenizer: Any) -> float:
