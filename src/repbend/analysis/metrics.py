@@ -5,8 +5,9 @@ on ``test`` prompts:
 
 * difference of means: score = state . (mean harmful - mean safe) of the fit states (no fitted weights; the
   direction RepBend's optional direction term pushes along);
-* logistic probe: L-BFGS on standardised states, L2 strength picked by 5-fold cross-validation on the fit set.
-  (scikit-learn is not a dependency; a 20-line torch fit does the same job.)
+* logistic probe: on standardised states, L2 strength picked by 5-fold cross-validation on the fit set; each fit
+  is solved exactly by Newton's method in the span of the fitted rows, all folds and strengths at once
+  (scikit-learn is not a dependency; its solvers reach the same optimum).
 
 Each is reported as AUROC and as the share of harmful test prompts caught by the lowest threshold that flags
 at most 5% of the safe test prompts of one kind (the threshold is chosen on the very prompts it is scored on,
@@ -36,23 +37,61 @@ def caught_at_fpr(pos: Tensor, neg: Tensor, max_fpr: float = MAX_FPR) -> float:
     return float((pos > thr).float().mean())
 
 
+def fit_logreg_many(x: Tensor, y: Tensor, mask: Tensor, l2: Tensor, *, max_iter: int = 100,
+                    tol: float = 1e-10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Many L2-regularised logistic regressions at once, each solved exactly (damped Newton).
+
+    ``x``: (B, N, H) states, ``y``: (B, N) labels, ``mask``: (B, N) 1 for the rows problem b is fitted on,
+    ``l2``: (B,). Problem b: standardise x[b] with its masked rows' mean and std, then minimise the mean
+    logistic loss over the masked rows + l2[b] * ||w||^2. The optimum's w is a combination of the fitted rows
+    (w = Z^T a), so Newton runs on (a, bias) with N + 1 unknowns instead of H + 1: exact, and fast when there
+    are fewer prompts than hidden units. Returns (mean, std, w, bias), shapes (B, H), (B, H), (B, H), (B,).
+    """
+    dt = torch.float64
+    x, y, m, l2 = x.to(dt), y.to(dt), mask.to(dt), l2.to(dt)
+    n = m.sum(1, keepdim=True)
+    mu = (x * m[..., None]).sum(1) / n
+    sd = (((x - mu[:, None]) ** 2 * m[..., None]).sum(1) / (n - 1).clamp_min(1)).sqrt() + 1e-6
+    z = (x - mu[:, None]) / sd[:, None] * m[..., None]                    # rows not fitted on: zero
+    k = z @ z.transpose(1, 2)                                             # (B, N, N)
+    a = torch.zeros_like(y)
+    b = torch.zeros(len(y), dtype=dt)
+    eye = torch.eye(y.shape[1], dtype=dt)
+
+    def loss(a_, b_):
+        f = (k @ a_[..., None])[..., 0] + b_[:, None]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(f, y, reduction="none")
+        return (bce * m).sum(1) / n[:, 0] + l2 * (a_ * (k @ a_[..., None])[..., 0]).sum(1)
+
+    cur = loss(a, b)
+    for _ in range(max_iter):
+        f = (k @ a[..., None])[..., 0] + b[:, None]
+        p = torch.sigmoid(f)
+        r, w8 = (p - y) * m / n, p * (1 - p) * m / n                     # gradient / curvature per row
+        top = torch.cat([w8[..., None] * k + 2 * l2[:, None, None] * eye, w8[..., None]], 2)
+        bottom = torch.cat([(w8[:, None, :] @ k), w8.sum(1)[:, None, None]], 2)
+        rhs = -torch.cat([r + 2 * l2[:, None] * a, r.sum(1, keepdim=True)], 1)
+        step = torch.linalg.solve(torch.cat([top, bottom], 1), rhs)
+        da, db = step[:, :-1], step[:, -1]
+        t = torch.ones_like(b)
+        for _ in range(30):                                               # halve the step where the loss rose
+            new = loss(a + t[:, None] * da, b + t * db)
+            bad = new > cur + 1e-12
+            if not bad.any():
+                break
+            t = torch.where(bad, t / 2, t)
+        a, b = a + t[:, None] * da, b + t * db
+        prev, cur = cur, loss(a, b)
+        if ((prev - cur).abs() <= tol * cur.abs().clamp_min(1)).all():
+            break
+    w = (a[..., None] * z).sum(1)
+    return mu.float(), sd.float(), w.float(), b.float()
+
+
 def fit_logreg(x: Tensor, y: Tensor, l2: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Standardise, then L-BFGS on mean logistic loss + l2 * ||w||^2. Returns (mean, std, w, b)."""
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return mu, sd, w.detach(), b.detach()
+    """Standardise, then the exact minimiser of mean logistic loss + l2 * ||w||^2. Returns (mean, std, w, b)."""
+    mu, sd, w, b = fit_logreg_many(x[None], y[None].float(), torch.ones(1, len(y)), torch.tensor([l2]))
+    return mu[0], sd[0], w[0], b[0]
 
 
 def logreg_score(params: tuple[Tensor, Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
@@ -64,16 +103,21 @@ def choose_l2(x: Tensor, y: Tensor, seed: int = 0, folds: int = 5) -> float:
     """The L2 strength of :data:`L2_GRID` with the best mean cross-validated AUROC on ``(x, y)``."""
     g = torch.Generator().manual_seed(seed)
     fold = torch.randperm(len(y), generator=g) % folds
+    problems = [(l2, f) for l2 in L2_GRID for f in range(folds)
+                if (y[fold == f] == 1).any() and (y[fold == f] == 0).any()]
+    if not problems:
+        return L2_GRID[0]
+    masks = torch.stack([(fold != f).float() for _, f in problems])
+    mu, sd, w, b = fit_logreg_many(x.expand(len(problems), *x.shape), y.float().expand(len(problems), -1), masks,
+                                   torch.tensor([l2 for l2, _ in problems]))
+    aucs: dict[float, list[float]] = {l2: [] for l2 in L2_GRID}
+    for i, (l2, f) in enumerate(problems):
+        te = fold == f
+        s = logreg_score((mu[i], sd[i], w[i], b[i]), x[te])
+        aucs[l2].append(auroc(s[y[te] == 1], s[y[te] == 0]))
     best, best_l2 = -1.0, L2_GRID[0]
     for l2 in L2_GRID:
-        aucs = []
-        for f in range(folds):
-            tr, te = fold != f, fold == f
-            if not (y[te] == 1).any() or not (y[te] == 0).any():
-                continue
-            s = logreg_score(fit_logreg(x[tr], y[tr], l2), x[te])
-            aucs.append(auroc(s[y[te] == 1], s[y[te] == 0]))
-        mean = sum(aucs) / len(aucs) if aucs else 0.0
+        mean = sum(aucs[l2]) / len(aucs[l2]) if aucs[l2] else 0.0
         if mean > best:
             best, best_l2 = mean, l2
     return best_l2
