@@ -246,6 +246,28 @@ def test_budgeted_build_answers_only_what_training_draws_and_extends(fixture_sou
     assert build_dataset(big, tmp_path / "run", progress=False)["rows_needed"] == m2["rows_needed"]
 
 
+def test_budget_order_keeps_each_sources_share_in_every_prefix():
+    """A budgeted build answers a prefix of this order, so the answered subset must have the pool's mix of sources
+    (e.g. over-refusal look-alikes among the benign requests), not whatever one shuffle gives; `random` is a
+    plain seeded shuffle. Both are permutations and fixed by the seed."""
+    from repbend.data.build import _budget_order
+
+    rows = [{"id": f"b{i}", "source": "benign"} for i in range(70)] + \
+           [{"id": f"o{i}", "source": "overrefusal"} for i in range(25)] + \
+           [{"id": f"x{i}", "source": "other"} for i in range(5)]
+    order = _budget_order(rows, 0, "answer-benign", "stratified")
+    assert sorted(r["id"] for r in order) == sorted(r["id"] for r in rows)
+    assert order == _budget_order(list(reversed(rows)), 0, "answer-benign", "stratified")
+    assert order != _budget_order(rows, 1, "answer-benign", "stratified")
+    for m in range(1, len(rows) + 1):
+        for source, n in (("benign", 70), ("overrefusal", 25), ("other", 5)):
+            got = sum(r["source"] == source for r in order[:m])
+            assert abs(got - m * n / len(rows)) <= 1, (m, source, got)
+    shuffled = _budget_order(rows, 0, "answer-benign", "random")
+    assert sorted(r["id"] for r in shuffled) == sorted(r["id"] for r in rows) and shuffled != order
+    assert max(abs(sum(r["source"] == "overrefusal" for r in shuffled[:m]) - m * 0.25) for m in range(1, 101)) > 1
+
+
 def test_the_default_build_keeps_its_config_hash():
     """A finished `repbend data build` / demo data folder is recognised by this hash; if it changes, every user's
     finished build is refused ('already holds a different build') and must be rebuilt. Change it only on purpose."""

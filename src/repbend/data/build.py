@@ -8,8 +8,9 @@ Steps (docs/DATA.md):
 3. the model to be defended answers every training request (greedy by default), batch by batch; each
    finished batch is appended to ``generations.jsonl`` so an interrupted build resumes where it stopped.
    With ``rows_needed`` (set by ``repbend demo`` / ``compare`` from the training steps) only enough requests are
-   answered: harmful and benign requests are taken in a seeded order (hash of seed and id), in windows of
-   four batches, until the rows expected in ``train.jsonl`` cover the draws plus the margin. A window's
+   answered: harmful and benign requests are taken in a seeded order (hash of seed and id) that keeps each
+   source's share of the pool in every prefix, in windows of four batches, until the rows expected in
+   ``train.jsonl`` cover the draws plus the margin. A window's
    batches depend only on the window, so a larger budget answers the same first windows identically
    and adds windows after them (the requests left out are counted in the manifest);
 4. rows: a harmful request whose answer complies -> UNSAFE ``harmful``; whose answer is a refusal ->
@@ -196,6 +197,22 @@ def _seeded_order(rows: list[dict], seed: int, salt: str) -> list[dict]:
     return sorted(rows, key=lambda r: sha256_text(f"{seed}|{salt}|{r['id']}"))
 
 
+def _budget_order(rows: list[dict], seed: int, salt: str, order: str) -> list[dict]:
+    """The order in which a budgeted build answers ``rows``. ``stratified``: each source's rows in their own seeded
+    order, merged so that every prefix holds each source in its share of the pool (within one row): the
+    answered subset then has the pool's mix of sources at any budget. ``random``: one seeded order of all rows."""
+    if order == "random":
+        return _seeded_order(rows, seed, salt)
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r)
+    keyed = []
+    for source, group in by_source.items():
+        ranked = _seeded_order(group, seed, f"{salt}|{source}")
+        keyed += [((i + 0.5) / len(ranked), sha256_text(f"{seed}|{salt}|{r['id']}"), r) for i, r in enumerate(ranked)]
+    return [r for _, _, r in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+
 def _split_counts(data: dict, answers: dict[str, str], cfg: DataBuildConfig) -> dict[str, int]:
     stats = {k: 0 for k in ("empty_answers", "harmful_refused_by_model", "harmful_complied", "benign_refused_by_model")}
     out = {"safe": 0, "unsafe": 0, "retain": 0}
@@ -215,8 +232,7 @@ def answer_budgeted(model, tokenizer, data: dict, ckpt: Path, cfg: DataBuildConf
     b, g = cfg.rows_needed, cfg.generation
     keep = 1.0 - cfg.val_fraction
     target = {s: math.ceil(getattr(b, s) * (1 + b.margin) / keep) for s in ("safe", "unsafe", "retain")}
-    order = {"harmful": _seeded_order(data["harmful"], cfg.seed, "answer-harmful"),
-             "benign": _seeded_order(data["benign"], cfg.seed, "answer-benign")}
+    order = {k: _budget_order(data[k], cfg.seed, f"answer-{k}", b.order) for k in ("harmful", "benign")}
     n_new = {"harmful": g.max_new_tokens_harmful, "benign": g.max_new_tokens_benign}
     taken = {"harmful": 0, "benign": 0}
     answers: dict[str, str] = {}

@@ -1,7 +1,7 @@
 """Configuration of ``repbend data build`` (defaults = configs/data-default.yaml)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -57,6 +57,11 @@ class RowBudget(Section):
     unsafe: int = Field(0, ge=0, description="UNSAFE rows drawn by training.")
     retain: int = Field(0, ge=0, description="RETAIN rows drawn by training.")
     margin: float = Field(0.25, ge=0, description="Extra share of rows built beyond the draws.")
+    order: Literal["stratified", "random"] = Field(
+        "stratified", description="Order in which requests are answered: `stratified` keeps every source's share of "
+                                  "the pool in each prefix (the answered subset has the whole pool's mix of sources, "
+                                  "e.g. over-refusal look-alikes among benign requests); `random` is one seeded "
+                                  "shuffle of all requests.")
 
 
 def _spec(source: str, max_rows: int | None = None, **options: Any) -> SourceSpec:
