@@ -223,7 +223,7 @@ def test_budgeted_build_answers_only_what_training_draws_and_extends(fixture_sou
 
     monkeypatch.setattr(build_mod, "generate", counting)
     small = small_config(tiny_model_dir, **{"generation.batch_size": 1, "rows_needed": "{safe: 1, unsafe: 1, "
-                                                                                        "retain: 1, margin: 0}"})
+                                                                                        "retain: 1, margin: 0, window: 4}"})
     m1 = build_dataset(small, tmp_path / "run", progress=False)
     req = m1["requests"]
     assert req["harmful_requests"] + req["unanswered_harmful"] == 6 and req["unanswered_harmful"] > 0
@@ -278,4 +278,4 @@ def test_the_default_build_keeps_its_config_hash():
 
     cfg = load_build_config(str(resolve_config("data-default")))
     cfg = load_config(type(cfg), data={**cfg.model_dump(mode="json"), "model": "default"})
-    assert config_hash(cfg) == "f76eb21f238f4097"
+    assert config_hash(cfg) == "e1d6892912d2d7a9"   # generation.batch_size 16 -> 64

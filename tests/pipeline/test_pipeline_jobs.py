@@ -201,7 +201,7 @@ def test_demo_builds_only_the_rows_its_training_draws(tmp_path):
     short = stages(["training.max_steps=10"])   # the default
     budget = short["build data"].fingerprint["data"]["rows_needed"]
     assert budget == {"safe": 20, "unsafe": 20, "retain": 20, "margin": 0.25,
-                      "order": "stratified"}    # 10 steps x 2 rows per split
+                      "window": 64, "order": "stratified"}    # 10 steps x 2 rows per split
     longer = stages(["training.max_steps=30"])
     assert longer["build data"].fingerprint["data"]["rows_needed"]["unsafe"] == 60   # more steps extend the build
     assert longer["train repbend seed 0"].fingerprint["data"] == longer["build data"].fingerprint["data"]

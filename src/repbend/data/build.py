@@ -9,8 +9,8 @@ Steps (docs/DATA.md):
    finished batch is appended to ``generations.jsonl`` so an interrupted build resumes where it stopped.
    With ``rows_needed`` (set by ``repbend demo`` / ``compare`` from the training steps) only enough requests are
    answered: harmful and benign requests are taken in a seeded order (hash of seed and id) that keeps each
-   source's share of the pool in every prefix, in windows of four batches, until the rows expected in
-   ``train.jsonl`` cover the draws plus the margin. A window's
+   source's share of the pool in every prefix, window by window, until the rows expected in
+   ``train.jsonl`` cover the draws plus the margin (``rows_needed.window`` requests at a time, 64 by default, at least one batch). A window's
    batches depend only on the window, so a larger budget answers the same first windows identically
    and adds windows after them (the requests left out are counted in the manifest);
 4. rows: a harmful request whose answer complies -> UNSAFE ``harmful``; whose answer is a refusal ->
@@ -43,7 +43,7 @@ from repbend.io import (append_jsonl, atomic_write_json, claim_output, output_lo
 FORMAT = "repbend-built-dataset/1"
 STATE = ".build.json"
 CHECKPOINT = "generations.jsonl"
-WINDOW = 4   # batches per generator call (and per window of the seeded order with rows_needed)
+WINDOW = 4   # batches per generator call
 OUR_FILES = ("train.jsonl", "val.jsonl", "decontam.jsonl", CHECKPOINT, "config.yaml", "run_info.json",
              "manifest.json", STATE)
 
@@ -236,7 +236,7 @@ def answer_budgeted(model, tokenizer, data: dict, ckpt: Path, cfg: DataBuildConf
     n_new = {"harmful": g.max_new_tokens_harmful, "benign": g.max_new_tokens_benign}
     taken = {"harmful": 0, "benign": 0}
     answers: dict[str, str] = {}
-    window = WINDOW * g.batch_size
+    window = max(b.window, g.batch_size)
 
     def used() -> dict:
         ids = {k: {r["id"] for r in order[k][:taken[k]]} for k in taken}

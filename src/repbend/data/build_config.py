@@ -40,7 +40,7 @@ class SourceSpec(Section):
 
 
 class GenerationSettings(Section):
-    batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded batch).")
+    batch_size: int = Field(64, ge=1, description="Prompts generated together (left-padded batch).")
     max_new_tokens_harmful: int = Field(64, ge=1, description="Answer length for harmful requests (the UNSAFE "
                                                               "responses).")
     max_new_tokens_benign: int = Field(96, ge=1, description="Answer length for benign and over-refusal prompts "
@@ -57,6 +57,8 @@ class RowBudget(Section):
     unsafe: int = Field(0, ge=0, description="UNSAFE rows drawn by training.")
     retain: int = Field(0, ge=0, description="RETAIN rows drawn by training.")
     margin: float = Field(0.25, ge=0, description="Extra share of rows built beyond the draws.")
+    window: int = Field(64, ge=1, description="Requests answered per step of the budget (at least one generation "
+                                              "batch): the budget's granularity.")
     order: Literal["stratified", "random"] = Field(
         "stratified", description="Order in which requests are answered: `stratified` keeps every source's share of "
                                   "the pool in each prefix (the answered subset has the whole pool's mix of sources, "
