@@ -62,6 +62,30 @@ def test_planted_direction_is_found_and_noise_is_not():
     assert rows[1]["l2"] in metrics.L2_GRID
 
 
+def test_probe_fit_is_the_exact_optimum_and_ignores_rows_outside_its_mask():
+    """The batched Newton fit must land where the gradient of the L2-regularised logistic loss vanishes (more
+    prompts than dims and fewer, separable or not), and a masked fold must equal a fit on that fold alone."""
+    g = torch.Generator().manual_seed(1)
+    for n, h, shift in ((40, 8, 0.5), (30, 64, 3.0)):
+        x = torch.randn(n, h, generator=g)
+        y = (torch.arange(n) % 2).float()
+        x[y == 1, 0] += shift
+        for l2 in metrics.L2_GRID:
+            mu, sd, w, b = metrics.fit_logreg(x, y, l2)
+            z = ((x - mu) / sd).double()
+            w_, b_ = w.double().requires_grad_(), b.double().requires_grad_()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w_ + b_, y.double()) + l2 * (w_ ** 2).sum()
+            gw, gb = torch.autograd.grad(loss, (w_, b_))
+            assert gw.abs().max() < 1e-4 and gb.abs() < 1e-4, (n, h, l2, gw.abs().max(), gb)
+        keep = torch.arange(n) < n - 7
+        many = metrics.fit_logreg_many(torch.stack([x, x]), torch.stack([y, y]), torch.stack([keep.float(),
+                                       torch.ones(n)]), torch.tensor([1e-2, 1e-2]))
+        alone = metrics.fit_logreg(x[keep], y[keep], 1e-2)
+        for got, want in zip(many, alone):
+            torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(many[2][0], many[2][1], atol=1e-3)
+
+
 def test_auroc_caught_bending_and_pca_on_hand_numbers():
     assert metrics.auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
     assert metrics.auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
