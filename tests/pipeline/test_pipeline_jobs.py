@@ -207,6 +207,14 @@ def test_demo_builds_only_the_rows_its_training_draws(tmp_path):
     assert longer["train repbend seed 0"].fingerprint["data"] == longer["build data"].fingerprint["data"]
     everything = stages([], build_only_needed=False)   # the whole pool, as `repbend data build`
     assert everything["build data"].fingerprint["data"]["rows_needed"] is None
+    # the budget's options from data_overrides; its row counts still come from the training steps
+    rand = stages(["training.max_steps=10"], data_overrides=["rows_needed.order=random", "generation.batch_size=16"])
+    data = rand["build data"].fingerprint["data"]
+    assert data["rows_needed"] == {**budget, "order": "random"} and data["generation"]["batch_size"] == 16
+    fixed = stages([], data_overrides=["rows_needed.unsafe=7"])   # counts the user gives are kept as they are
+    assert fixed["build data"].fingerprint["data"]["rows_needed"]["unsafe"] == 7
+    with pytest.raises(ConfigError, match="rows_needed.order"):
+        stages([], data_overrides=["rows_needed.order=sorted"])
 
 
 def test_summary_links_the_analysis_of_each_trained_model(tmp_path):

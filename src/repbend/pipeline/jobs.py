@@ -32,6 +32,8 @@ class PipelineConfig(Section):
     suite: str = Field("quick", description="Evaluation suite (quick, full, or a path).")
     suite_overrides: list[str] = Field([], description="Overrides for the suite.")
     output_dir: UserPath = Field(..., description="Folder holding every stage's output and the final report.")
+    data_overrides: list[str] = Field([], description="Overrides for the data build config (e.g. "
+                                                      "rows_needed.order=random or generation.batch_size=16).")
     build_only_needed: bool = Field(True, description="The data build answers only the requests whose rows the "
                                                       "training steps draw (plus a margin), not the whole pool; "
                                                       "false: every request (what `repbend data build` does).")
@@ -122,7 +124,10 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     out = Path(cfg.output_dir)
     data_dir = out / "data"
     data_cfg = load_build_config(str(resolve_config(cfg.data_config)))
-    data_cfg = load_config(type(data_cfg), data={**data_cfg.model_dump(mode="json"), "model": cfg.model})
+    raw = {**data_cfg.model_dump(mode="json"), "model": cfg.model}
+    if raw.get("rows_needed") is None:   # so that an override like rows_needed.order=random makes the section
+        raw.pop("rows_needed", None)
+    data_cfg = load_config(type(data_cfg), data=raw, overrides=list(cfg.data_overrides))
     train_cfgs = []
     suite = load_suite(cfg.suite, list(cfg.suite_overrides))
     suite_fp = suite.model_dump(mode="json")
@@ -168,8 +173,13 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 stages.append(eval_stage(f"eval-{method}-s{seed}", run))
             if cfg.analyze_prompts:
                 stages.append(analyze_stage(out / f"analysis-{method}-s{seed}", run, tcfg.full_finetune))
-    if cfg.build_only_needed and data_cfg.rows_needed is None:
-        data_cfg.rows_needed = rows_needed(train_cfgs)
+    if cfg.build_only_needed:
+        need, given = rows_needed(train_cfgs), data_cfg.rows_needed
+        if given is None:
+            data_cfg.rows_needed = need
+        elif not (given.safe or given.unsafe or given.retain):   # only the budget's options given (order, margin,
+            data_cfg.rows_needed = given.model_copy(              # window): the rows come from the training configs
+                update={k: getattr(need, k) for k in ("safe", "unsafe", "retain")})
     dump = data_cfg.model_dump(mode="json")   # the stages' fingerprints see the final data config
     for st in stages:
         for k, v in st.fingerprint.items():
