@@ -153,6 +153,30 @@ def test_option_logprobs_match_full_forward(tiny_model, tiny_tokenizer):
             assert got[i, k].item() == pytest.approx(ref, abs=1e-3)
 
 
+def test_length_groups_cut_where_padding_costs_more_than_a_call():
+    from repbend.evaluation.capability import length_groups
+
+    assert length_groups([50, 1, 1, 1], overhead=16) == [[1, 2, 3], [0]]      # 3 + 16 + 50 + 16 < 4 x 50 + 16
+    assert length_groups([3, 2, 3, 2], overhead=16) == [[1, 3, 0, 2]]         # padding cheaper than a call
+    assert length_groups([3, 1, 2], overhead=0) == [[1], [2], [0]]
+    assert sorted(j for g in length_groups(list(range(40, 0, -1)), 8) for j in g) == list(range(40))
+    assert length_groups([], 16) == []
+
+
+@pytest.mark.parametrize("overhead", [0, 10**6])
+def test_option_logprobs_grouped_by_length_equal_one_padded_pass(tiny_model, tiny_tokenizer, overhead):
+    """Options split into length groups (overhead 0: one group per length) score as in one padded pass."""
+    from repbend.evaluation.capability import option_logprobs
+
+    prompts = ["Question: What is 2+2?\nAnswer:", "Q: capital?\nA:", "Name a colour."]
+    options = [["3", "four", "a large number that is bigger than all the others", "5"],
+               ["Paris", "Rome city", "Berlin", "the city of Madrid in Spain"], ["red", "a", "blue sky", "green"]]
+    one = option_logprobs(tiny_model, tiny_tokenizer, prompts, options, group_overhead=10**6)
+    got = option_logprobs(tiny_model, tiny_tokenizer, prompts, options, group_overhead=overhead)
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got, one, atol=1e-4, rtol=1e-5)
+
+
 def test_mmlu_cloze_method(tiny_model, tiny_tokenizer):
     from repbend.evaluation.capability import cloze_prompt, option_logprobs
 
