@@ -195,10 +195,13 @@ def test_summary_shows_stage_times_and_generation_speed(tmp_path):
 
 def test_demo_builds_only_the_rows_its_training_draws(tmp_path):
     def stages(overrides, **extra):
-        cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides, **extra})
+        cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides,
+                                                "build_only_needed": True, **extra})
         return {s.name: s for s in plan(cfg)}
 
-    short = stages(["training.max_steps=10"])   # the default
+    default = load_config(PipelineConfig, data={"output_dir": str(tmp_path)})
+    assert {s.name: s for s in plan(default)}["build data"].fingerprint["data"]["rows_needed"] is None  # whole pool
+    short = stages(["training.max_steps=10"])
     budget = short["build data"].fingerprint["data"]["rows_needed"]
     assert budget == {"safe": 20, "unsafe": 20, "retain": 20, "margin": 0.25,
                       "window": 64, "order": "stratified"}    # 10 steps x 2 rows per split

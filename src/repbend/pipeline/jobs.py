@@ -34,9 +34,11 @@ class PipelineConfig(Section):
     output_dir: UserPath = Field(..., description="Folder holding every stage's output and the final report.")
     data_overrides: list[str] = Field([], description="Overrides for the data build config (e.g. "
                                                       "rows_needed.order=random or generation.batch_size=16).")
-    build_only_needed: bool = Field(True, description="The data build answers only the requests whose rows the "
-                                                      "training steps draw (plus a margin), not the whole pool; "
-                                                      "false: every request (what `repbend data build` does).")
+    build_only_needed: bool = Field(False, description="true: the data build answers only the requests whose rows "
+                                                       "the training steps draw (plus a margin), about 45% of the "
+                                                       "default pool, faster but a weaker model on the default "
+                                                       "(docs/RESULTS.md, 'Training pool'); false: every request "
+                                                       "(what `repbend data build` does).")
     eval_dtype: str | None = Field(None, description="Model dtype of the evaluations (null = the loader's choice: "
                                                      "bfloat16 on a GPU, float32 on a CPU); see docs/PERFORMANCE.md "
                                                      "for how bf16 answers differ from fp32 ones.")
