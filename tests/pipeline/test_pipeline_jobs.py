@@ -8,7 +8,7 @@ import pytest
 from repbend.config import load_config
 from repbend.errors import ConfigError, RepbendError
 from repbend.evaluation.suites import load_suite
-from repbend.pipeline.jobs import PipelineConfig, plan, with_reference_model
+from repbend.pipeline.jobs import PipelineConfig, plan, with_heldout_benign, with_reference_model
 from repbend.pipeline.stages import Stage, run_stages
 from repbend.pipeline.summary import summarise
 
@@ -116,6 +116,23 @@ def test_full_finetune_evals_measure_kl_against_the_base(tmp_path):
     assert with_reference_model(named, "default") is named      # a reference the suite names is kept
     off = suite.model_copy(update={"capability": None})
     assert with_reference_model(off, "default") is off          # no capability stage: nothing to add
+
+
+def test_evals_measure_benign_kl_on_the_builds_held_out_answers(tmp_path):
+    # the project's benign prompts are training requests of the default data build: the pipeline's evaluations
+    # take the built dataset's val retain rows instead (the original's answers to held-out benign requests)
+    cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path)})
+    evals = [s for s in plan(cfg) if s.name.startswith("evaluate")]
+    assert len(evals) == 2
+    for st in evals:
+        assert st.fingerprint["suite"]["capability"]["benign_data"] == str(tmp_path / "data")
+    suite = load_suite("quick")
+    named = suite.model_copy(update={"capability": {**suite.capability, "benign_data": "mine"}})
+    assert with_heldout_benign(named, tmp_path, 0.1) is named            # the suite's own choice is kept
+    off = suite.model_copy(update={"capability": {**suite.capability, "benign_kl": False}})
+    assert with_heldout_benign(off, tmp_path, 0.1) is off
+    assert with_heldout_benign(suite, tmp_path, 0.0) is suite             # a build without a val part has no rows
+    assert with_heldout_benign(suite.model_copy(update={"capability": None}), tmp_path, 0.1).capability is None
 
 
 def test_plan_rejects_train_config_of_another_method(tmp_path):

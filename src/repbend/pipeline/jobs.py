@@ -115,6 +115,17 @@ def with_reference_model(suite, base: str):
     return suite.model_copy(update={"capability": {**suite.capability, "reference_model": base}})
 
 
+def with_heldout_benign(suite, data_dir: Path, val_fraction: float):
+    """``suite`` whose benign KL / perplexity use the pipeline's built dataset's val retain rows: the original
+    model's answers to benign requests held out of training (unless the suite names ``benign_data`` or turns the
+    KL off). Without it the capability stage generates the original's answers to the project's benign prompts,
+    which the default data build also trains on."""
+    cap = suite.capability
+    if cap is None or not cap.get("benign_kl", True) or cap.get("benign_data") or val_fraction <= 0:
+        return suite
+    return suite.model_copy(update={"capability": {**cap, "benign_data": str(data_dir)}})
+
+
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Build the list of stages (validating every config up front, before any model is loaded)."""
     from repbend.data.build import build_dataset
@@ -131,7 +142,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         raw.pop("rows_needed", None)
     data_cfg = load_config(type(data_cfg), data=raw, overrides=list(cfg.data_overrides))
     train_cfgs = []
-    suite = load_suite(cfg.suite, list(cfg.suite_overrides))
+    suite = with_heldout_benign(load_suite(cfg.suite, list(cfg.suite_overrides)), data_dir, data_cfg.val_fraction)
     suite_fp = suite.model_dump(mode="json")
 
     def eval_stage(name: str, adapter: Path | None, model: str | None = None) -> Stage:
