@@ -135,3 +135,41 @@ def test_draws_without_the_new_options_follow_the_documented_order():
         order = np.concatenate([np.random.default_rng([5, salt, e]).permutation(n) for e in range(6)])
         want = [pools[split][i] for i in order[:24]]
         assert [id(e) for st in steps for e in st[split]] == [id(e) for e in want]
+
+
+def test_disjoint_refusals_keep_the_refusals_of_drawn_unsafe_requests_out_of_the_safe_draws():
+    """data.disjoint_refusals: over the run's draws, no request is drawn both as an UNSAFE row and (its refusal) as
+    a SAFE row; the UNSAFE draws are those of the plain sampler; only refusals of drawn requests leave the pool."""
+    from types import SimpleNamespace
+
+    from repbend.training.data import drop_drawn_refusals
+
+    rows = make_rows()
+    by = split_rows(rows, ["safe", "unsafe", "retain"])
+    pools = {s: [Encoded([i + 1] * (1 + i % 3), 1, i % 3) for i in range(len(r))] for s, r in by.items()}
+    ident = {s: {id(e): r for e, r in zip(pools[s], by[s])} for s in pools}
+    data = SimpleNamespace(batch_size={"safe": 2, "unsafe": 1, "retain": 1}, length_bucketing=True, bucket_batches=2)
+    steps = 3
+    kept, dropped = drop_drawn_refusals(pools, rows, data, seed=3, world=1, draws=steps)
+    plain = StepSampler(pools, data.batch_size, 3, bucketing=True, bucket_batches=2)
+    new = StepSampler(kept, data.batch_size, 3, bucketing=True, bucket_batches=2)
+    unsafe, safe, plain_safe = set(), set(), set()
+    for _ in range(steps):
+        a, b = plain.next(), new.next()
+        assert [id(e) for e in a["unsafe"]] == [id(e) for e in b["unsafe"]]
+        unsafe |= {ident["unsafe"][id(e)]["pair_id"] for e in b["unsafe"]}
+        safe |= {ident["safe"][id(e)]["pair_id"] for e in b["safe"]} - {None}
+        plain_safe |= {ident["safe"][id(e)]["pair_id"] for e in a["safe"]} - {None}
+    assert len(unsafe) == steps and not unsafe & safe
+    assert dropped == steps and len(kept["safe"]) == len(pools["safe"]) - steps
+    left = [ident["safe"][id(e)] for e in kept["safe"]]
+    assert {r["pair_id"] for r in left if r["kind"] == "refusal"} == {r["pair_id"] for r in by["unsafe"]} - unsafe
+    assert sum(r["kind"] == "benign" for r in left) == sum(r["kind"] == "benign" for r in by["safe"])
+    # the option is off by default and refuses to be combined with paired_refusals
+    from pydantic import ValidationError
+
+    from repbend.training.config import DataSection
+
+    assert DataSection(dir=".").disjoint_refusals is False
+    with pytest.raises(ValidationError, match="paired_refusals"):
+        DataSection(dir=".", paired_refusals=1, disjoint_refusals=True)
