@@ -99,6 +99,53 @@ def test_attack_end_to_end_and_resume(tiny_model, tiny_tokenizer, tmp_path, monk
     assert again[0].text == out[0].text
 
 
+def test_batched_validation_equals_one_candidate_at_a_time(tiny_model, tiny_tokenizer):
+    """validate() runs every candidate in shared batches (one direction per row); each candidate's rate, score and
+    harmless KL equal those of its own hooked model generating alone, as the attack did before."""
+    import torch.nn.functional as F
+
+    from repbend.evaluation.attacks.refusal_direction import _ablated_answers, _refusal_score, validate
+    from repbend.evaluation.judges.refusal import is_refusal
+    from repbend.models.generation import generate
+
+    torch.manual_seed(0)
+    dirs = F.normalize(torch.randn(5, tiny_model.config.hidden_size), dim=-1)
+    prompts, harmless = HARMFUL[:5], HARMLESS[:3]
+    cfg = RefusalAblationConfig(val_max_new_tokens=6, val_batch_size=7)     # chunks cut through the variants
+
+    def first_logp(texts):
+        from repbend.data.chat import prompt_ids
+        from repbend.models.generation import left_pad
+
+        ids, mask = left_pad([prompt_ids(tiny_tokenizer, [{"role": "user", "content": t}]) for t in texts],
+                             tiny_tokenizer.pad_token_id)
+        with torch.no_grad():
+            out = tiny_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        return out.logits[:, -1].float().log_softmax(-1)
+
+    want, base = [], None
+    for layer in [None, 1, 3]:
+        with ablation_hooks(tiny_model, dirs[layer]) if layer is not None else torch.no_grad():
+            texts = generate(tiny_model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=8, progress=False)
+            score = _refusal_score(first_logp(prompts), tiny_tokenizer)
+            safe = first_logp(harmless)
+        base = safe if base is None else base
+        want.append((texts, score, F.kl_div(safe, base, log_target=True, reduction="batchmean").item()))
+    vecs = torch.stack([torch.zeros_like(dirs[0]), dirs[1], dirs[3]])
+    _, answers = _ablated_answers(tiny_model, tiny_tokenizer, prompts, vecs, 6, 7)
+    eos = tiny_tokenizer.eos_token_id
+    decoded = [tiny_tokenizer.decode(a[:a.index(eos)] if eos in a else a, skip_special_tokens=True) for a in answers]
+    assert decoded == [t[0] for texts, _, _ in want for t in texts]            # the same greedy answers, row by row
+    got = validate(tiny_model, tiny_tokenizer, dirs, [1, 3], prompts, cfg, harmless)
+    assert [r["layer"] for r in got] == [None, 1, 3]
+    for row, (texts, score, kl) in zip(got, want):
+        assert row["refusal_rate"] == round(sum(is_refusal(t[0]) for t in texts) / len(texts), 4)
+        assert row["refusal_score"] == pytest.approx(score, abs=2e-4)
+        assert row["harmless_kl"] == pytest.approx(kl, abs=2e-4)
+    assert got[0]["harmless_kl"] == 0.0 and got[1]["harmless_kl"] > 0
+    assert not any(m._forward_hooks for m in tiny_model.modules())
+
+
 def test_bad_config_is_an_error(tiny_model):
     with pytest.raises(RepbendError, match="n_train"):
         build(ATTACKS, {"name": RefusalAblation.name, "n_train": 0})

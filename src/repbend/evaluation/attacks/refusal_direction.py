@@ -54,6 +54,8 @@ class RefusalAblationConfig(Section):
                                                         "distribution on n_val harmless requests by more than this mean "
                                                         "KL (nats), as Arditi et al.; null = no filter.")
     batch_size: int = Field(16, gt=0, description="Requests per forward pass when collecting activations.")
+    val_batch_size: int = Field(64, gt=0, description="Rows per pass when validating: every candidate's copy of the "
+                                                      "validation requests, each row with its own direction.")
     max_new_tokens: int | None = Field(None, gt=0, description="Answer length of the attack; default: the suite's.")
     seed: int = Field(0, description="Seed for the choice of training/validation requests.")
 
@@ -78,7 +80,7 @@ def last_token_states(model: Any, tokenizer: Any, prompts: list[str], batch_size
     """Hidden states [L+1, N, d] at the last prompt token (left padding, positions from the mask)."""
     out = []
     for inputs in _prompt_batches(model, tokenizer, prompts, batch_size):
-        hs = model(**inputs, output_hidden_states=True).hidden_states
+        hs = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states   # no LM head over the prompt
         out.append(torch.stack([h[:, -1].float() for h in hs]))
     return torch.cat(out, dim=1)
 
@@ -162,11 +164,64 @@ def orthogonalise(model: Any, r: torch.Tensor) -> None:
                 lin.bias -= (lin.bias @ rr) * rr
 
 
+@contextlib.contextmanager
+def row_ablation_hooks(model: Any, rows: dict) -> Iterator[None]:
+    """Like :func:`ablation_hooks`, with one direction per batch row: ``rows["r"]`` [B, d] (a zero row leaves that row
+    unchanged), read at every call so the caller can move it to the next chunk of rows."""
+    def hook(_m, _inp, out):
+        r = rows["r"].to(out.dtype)[:, None, :]
+        return out - (out * r).sum(-1, keepdim=True) * r
+
+    mods = [model.get_input_embeddings()]
+    mods += [layer.get_submodule(name) for layer in decoder_layers(model) for name in WRITE_MODULES]
+    handles = [m.register_forward_hook(hook) for m in mods]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
-def _first_token_logprobs(model: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> torch.Tensor:
-    """Log-probabilities [N, vocab] of the first answer token (fp32)."""
-    return torch.cat([model(**inputs, logits_to_keep=1).logits[:, -1].float().log_softmax(-1).cpu()
-                      for inputs in _prompt_batches(model, tokenizer, prompts, batch_size)])
+def _ablated_answers(model: Any, tokenizer: Any, prompts: list[str], dirs: torch.Tensor, max_new_tokens: int,
+                     batch_size: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Every prompt under every direction (``dirs`` [V, d], zero = none) in shared batches: the first answer token's
+    log-probabilities [V * N, vocab] (fp32) and ``max_new_tokens`` greedy answer ids per row (variant-major rows).
+
+    The passes feed what :func:`repbend.models.generation.generate` feeds (left padding, positions from the mask, a
+    KV cache, last-position logits), so each row's answer is its own ablated model's greedy answer up to float
+    rounding; an answer is read up to its first end-of-sequence token."""
+    from transformers import DynamicCache
+
+    from repbend.data.chat import prompt_ids
+
+    dev = wb.model_device(model)
+    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    jobs = [(v, i) for v in range(len(dirs)) for i in range(len(ids))]
+    first, answers, holder = [], [], {}
+    with row_ablation_hooks(model, holder):
+        for s in range(0, len(jobs), batch_size):
+            chunk = jobs[s:s + batch_size]
+            holder["r"] = dirs[[v for v, _ in chunk]].to(dev)
+            rows = [ids[i] for _, i in chunk]
+            width = max(map(len, rows))
+            x = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            cache = DynamicCache(config=getattr(model, "config", None))
+            logits = model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1].float()
+            first.append(logits.log_softmax(-1).cpu())
+            new = [logits.argmax(-1)]
+            for _ in range(max_new_tokens - 1):
+                mask = torch.cat([mask, mask.new_ones((len(chunk), 1))], dim=1)
+                pos = pos[:, -1:] + 1
+                logits = model(input_ids=new[-1][:, None], attention_mask=mask, position_ids=pos, cache=cache,
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
+                new.append(logits.argmax(-1))
+            answers += torch.stack(new, 1).tolist()
+    return torch.cat(first), answers
 
 
 def _refusal_score(logp: torch.Tensor, tokenizer: Any) -> float:
@@ -179,23 +234,29 @@ def _refusal_score(logp: torch.Tensor, tokenizer: Any) -> float:
 def validate(model: Any, tokenizer: Any, dirs: torch.Tensor, layers: list[int], prompts: list[str],
              cfg: RefusalAblationConfig, harmless: list[str] | None = None) -> list[dict]:
     """Refusal rate and score on ``prompts`` with each candidate direction ablated (plus the baseline), and the mean
-    KL of the first answer token's distribution on ``harmless`` requests against the unablated model."""
-    from repbend.evaluation.judges.refusal import is_refusal
-    from repbend.models.generation import generate
+    KL of the first answer token's distribution on ``harmless`` requests against the unablated model.
 
-    rows, base = [], None
-    for layer in [None, *layers]:
-        ctx = ablation_hooks(model, dirs[layer]) if layer is not None else contextlib.nullcontext()
-        with ctx:
-            texts = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                             max_new_tokens=cfg.val_max_new_tokens, batch_size=cfg.batch_size, progress=False)
-            score = _refusal_score(_first_token_logprobs(model, tokenizer, prompts, cfg.batch_size), tokenizer)
-            safe = _first_token_logprobs(model, tokenizer, harmless, cfg.batch_size) if harmless else None
-        rate = sum(is_refusal(t[0]) for t in texts) / len(texts)
-        row = {"layer": layer, "refusal_rate": round(rate, 4), "refusal_score": round(score, 4)}
+    All candidates run together: each batch row carries its own direction (``cfg.val_batch_size`` rows a pass)."""
+    from repbend.evaluation.judges.refusal import is_refusal
+    from repbend.models.generation import _eos_ids
+
+    variants = [None, *layers]
+    vecs = torch.stack([torch.zeros_like(dirs[0]) if v is None else dirs[v] for v in variants]).float()
+    n, eos = len(prompts), set(_eos_ids(model, tokenizer))
+    logp, answers = _ablated_answers(model, tokenizer, prompts, vecs, cfg.val_max_new_tokens, cfg.val_batch_size)
+    safe = (_ablated_answers(model, tokenizer, harmless, vecs, 1, cfg.val_batch_size)[0].view(len(variants), len(harmless), -1)
+            if harmless else None)
+    rows = []
+    for k, layer in enumerate(variants):
+        texts = []
+        for a in answers[k * n:(k + 1) * n]:
+            cut = next((j for j, t in enumerate(a) if t in eos), len(a))
+            texts.append(tokenizer.decode(a[:cut], skip_special_tokens=True))
+        rate = sum(is_refusal(t) for t in texts) / n
+        row = {"layer": layer, "refusal_rate": round(rate, 4),
+               "refusal_score": round(_refusal_score(logp[k * n:(k + 1) * n], tokenizer), 4)}
         if safe is not None:
-            base = safe if base is None else base
-            row["harmless_kl"] = round(F.kl_div(safe, base, log_target=True, reduction="batchmean").item(), 4)
+            row["harmless_kl"] = round(F.kl_div(safe[k], safe[0], log_target=True, reduction="batchmean").item(), 4)
         rows.append(row)
     return rows
 
