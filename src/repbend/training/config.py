@@ -41,11 +41,6 @@ class DataSection(Section):
                              "request) that join that step's safe rows, counted in batch_size.safe; the rest of the "
                              "safe rows are drawn as usual (the published batch: 8 safe = 4 drawn + 4 paired "
                              "refusals). Unsafe rows without a refusal are then left out. 0 = off.")
-    disjoint_refusals: bool = Field(
-        False, description="Leave out of the SAFE pool the refusal rows of the harmful requests this run draws as "
-                           "UNSAFE rows (max_steps x grad_accum draws), so that no request's prompt is both pushed "
-                           "away and held in place; the SAFE draws then come from the other rows. Not with "
-                           "paired_refusals, which pairs them on purpose.")
     response_end_of_turn: bool = Field(
         True, description="End each safe/unsafe response with the chat template's end-of-turn token (false: the "
                           "response text only, as the published data; retain rows always keep it).")
@@ -80,9 +75,6 @@ class DataSection(Section):
             if k > self.batch_size.get(split, 4):
                 raise ValueError(f"paired_refusals: {k} refusals per step do not fit batch_size.{split} "
                                  f"{self.batch_size.get(split, 4)}; lower paired_refusals or raise that batch size")
-        if k and self.disjoint_refusals:
-            raise ValueError("paired_refusals puts each drawn unsafe row's refusal into the safe rows and "
-                             "disjoint_refusals keeps them out: set one of them to 0/false")
         return self
 
 

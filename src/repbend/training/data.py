@@ -101,27 +101,6 @@ def encode_pools(tokenizer, rows: Sequence[dict], needed: Sequence[str], data) -
             for s, r in split_rows(rows, needed, paired=data.paired_refusals > 0).items()}
 
 
-def drop_drawn_refusals(pools: dict[str, list[Encoded]], rows: Sequence[dict], data, seed: int, world: int,
-                        draws: int) -> tuple[dict[str, list[Encoded]], int]:
-    """``data.disjoint_refusals``: the SAFE pool without the refusal rows of the harmful requests that the run's
-    ``draws`` global draws take as UNSAFE rows; returns the pools and how many rows were left out.
-
-    ``pools`` are :func:`encode_pools`'s output for ``rows`` (same split order). The UNSAFE draws do not depend on
-    the SAFE pool (each split has its own seeded permutation), so they are computed first; the SAFE permutation is
-    then over the remaining rows, the same on every process and after a resume."""
-    if "safe" not in pools or "unsafe" not in pools:
-        return pools, 0
-    by = split_rows(rows, [s for s in pools if s != "paired"])
-    probe = StepSampler({"unsafe": pools["unsafe"]}, data.batch_size, seed, 0, world, data.length_bucketing,
-                        data.bucket_batches)
-    taken = {by["unsafe"][i].get("pair_id") for i in probe.indices_drawn("unsafe", draws)} - {None}
-    keep = [i for i, r in enumerate(by["safe"]) if not (r.get("kind") == "refusal" and r.get("pair_id") in taken)]
-    if not keep:
-        raise RepbendError("data.disjoint_refusals leaves no SAFE rows (every one is the refusal of a request the "
-                           "run draws as UNSAFE); add benign rows to the data or turn the option off.")
-    return {**pools, "safe": [pools["safe"][i] for i in keep]}, len(by["safe"]) - len(keep)
-
-
 @dataclass
 class _Cursor:
     epoch: int = 0
@@ -163,10 +142,11 @@ class StepSampler:
             out += [chunks[i] for i in rng.permutation(len(chunks))]
         return np.concatenate(out)
 
-    def _draw_all(self, split: str) -> list[int]:
-        """The next global draw of ``split``: every process's rows of the step, rank 0's first."""
+    def _draw(self, split: str) -> list[int]:
         need, c = self.bs[split] * self.world, self.cursor[split]
         idx: list[int] = []
+        if need == 0:  # every safe row of the step is a paired refusal
+            return idx
         while len(idx) < need:
             perm = self._perm(split, c.epoch)
             take = perm[c.pos:c.pos + need - len(idx)]
@@ -174,11 +154,8 @@ class StepSampler:
             c.pos += len(take)
             if c.pos >= len(perm):
                 c.epoch, c.pos = c.epoch + 1, 0
-        return idx
-
-    def _draw(self, split: str) -> list[int]:
         b = self.bs[split]
-        return self._draw_all(split)[self.rank * b:(self.rank + 1) * b]
+        return idx[self.rank * b:(self.rank + 1) * b]
 
     def next(self) -> dict[str, list[Encoded]]:
         """This process's rows for the next step: ``{split: [Encoded, ...]}`` (pair aligned with unsafe)."""
@@ -193,12 +170,6 @@ class StepSampler:
         if self.paired:
             out["safe"] = out["safe"] + [self.pools["paired"][i] for i in unsafe_idx[:self.paired]]
         return out
-
-    def indices_drawn(self, split: str, draws: int) -> set[int]:
-        """Indices of ``split`` that ``draws`` global draws from the start of the run take (all processes)."""
-        fresh = StepSampler({split: self.pools[split]}, {split: self.bs[split]}, self.seed, 0, self.world,
-                            self.bucketing, self.bucket_batches)
-        return {i for _ in range(draws) for i in fresh._draw_all(split)}
 
     def state_dict(self) -> dict:
         return {s: [c.epoch, c.pos] for s, c in self.cursor.items()}

@@ -28,8 +28,8 @@ from repbend.seeding import seed_everything
 from repbend.training.checkpoint import (TrainState, load_checkpoint, main_rank, only_trainable_hook, prepare_run_dir,
                                         save_checkpoint)
 from repbend.training.config import TrainConfig, checked_method, model_shape
-from repbend.training.data import (StepSampler, collate_splits, drop_drawn_refusals, encode_pools, load_rows,
-                                   repeat_kinds, rows_of, split_rows)
+from repbend.training.data import (StepSampler, collate_splits, encode_pools, load_rows, repeat_kinds, rows_of,
+                                   split_rows)
 from repbend.training.forward import forward_states, head_fn
 from repbend.training.model_setup import build_models
 from repbend.training.telemetry import Telemetry, layer_stats
@@ -140,12 +140,6 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
     pair, method = build_models(cfg, method)
     needs = method.needs()
     pools = encode_pools(pair.tokenizer, rows, list(needs), cfg.data)
-    if cfg.data.disjoint_refusals:
-        pools, dropped = drop_drawn_refusals(pools, rows, cfg.data, tc.seed, acc.num_processes,
-                                             tc.max_steps * tc.grad_accum)
-        if acc.is_main_process:
-            tqdm.write(f"repbend: disjoint_refusals: {dropped} refusal rows of requests drawn as unsafe left out of "
-                       f"the safe pool ({len(pools['safe'])} safe rows left)")
     sampler = StepSampler(pools, cfg.data.batch_size, tc.seed, acc.process_index, acc.num_processes,
                           cfg.data.length_bucketing, cfg.data.bucket_batches, cfg.data.paired_refusals)
     # ---- model, optimizer, scheduler, checkpoint hooks ----
