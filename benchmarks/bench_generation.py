@@ -62,6 +62,24 @@ class _Recorder:
         return [[""] * s.num_samples for _ in convs]
 
 
+def _fixed_batches(lengths, batch_size, max_new_tokens):
+    return [(s, min(s + batch_size, len(lengths))) for s in range(0, len(lengths), batch_size)]
+
+
+def _generate(engine: str, fixed: bool, *args, **kwargs):
+    """``generate`` with ``engine``; ``fixed``: cut the sorted prompts into consecutive ``batch_size`` chunks (the
+    batching before :func:`repbend.models.generation.length_batches`)."""
+    from repbend.models import generation as g
+
+    if not fixed:
+        return g.generate(*args, engine=engine, **kwargs)
+    keep, g.length_batches = g.length_batches, _fixed_batches
+    try:
+        return g.generate(*args, engine=engine, **kwargs)
+    finally:
+        g.length_batches = keep
+
+
 def quick_workload(tokenizer, suite_name: str, batch: int, max_new: int, limit: int) -> list[tuple[str, list, object]]:
     """``[(label, conversations, settings)]``: the suite's greedy black-box calls and its over-refusal sets."""
     from repbend.evaluation.attacks import ATTACKS
@@ -145,7 +163,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--engines", default="hf,loop", help="generation engines, the first is the agreement reference; "
-                                                         "engine@N runs that engine with batch size N")
+                                                         "engine@N runs that engine with batch size N, "
+                                                         "engine:fixed@N cuts prompts into consecutive N-row "
+                                                         "chunks instead of length_batches")
     ap.add_argument("--dtypes", default="float32", help="float32[,bfloat16]: extra dtypes run with the first engine")
     ap.add_argument("--suite", default="quick")
     ap.add_argument("--batch", type=int, default=16)
@@ -161,7 +181,6 @@ def main() -> None:
 
     from repbend.evaluation.store import Store
     from repbend.evaluation.target import ModelTarget
-    from repbend.models.generation import generate
 
     engines = args.engines.split(",")
     dtypes = args.dtypes.split(",")
@@ -182,9 +201,11 @@ def main() -> None:
     for e, dt in variants:
         m, t = models[dt]
         name, _, bs = e.partition("@")       # engine@N: this variant generates N rows per batch
+        name, _, how = name.partition(":")   # engine:fixed: consecutive batch_size chunks instead of length_batches
         targets[(e, dt)] = ModelTarget(
             m, t, Store(tmp / f"{e}-{dt}.jsonl"), batch_size=int(bs or args.batch), fingerprint=f"{e}-{dt}",
-            progress=False, group=args.group, generate_fn=lambda *a, _e=name, **kw: generate(*a, engine=_e, **kw))
+            progress=False, group=args.group,
+            generate_fn=lambda *a, _e=name, _f=how == "fixed", **kw: _generate(_e, _f, *a, **kw))
     answers: dict = {v: [] for v in variants}
     prompt_tokens = 0
     per_label: dict = {}

@@ -147,3 +147,30 @@ def test_request_longer_than_the_context_is_cut_keeping_its_end(tiny_model, tiny
     assert reference_greedy(tiny_model, tiny_tokenizer, [long[0], {"role": "user", "content": kept.split(
         "<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]}], n=8) == out[0][0]
     assert out[1][0] == reference_greedy(tiny_model, tiny_tokenizer, CONVS[0], n=8)
+
+
+def test_length_batches_minimise_padding_plus_a_cost_per_batch():
+    """Exact against brute force over every cut of small sorted lists; never above batch_size; a few long prompts
+    get their own batch, similar ones share one, equal ones fill whole batches first."""
+    import itertools
+    import random
+
+    from repbend.models.generation import STEP_OVERHEAD_TOKENS, length_batches
+
+    def cost(lengths, batches, extra):
+        return sum(lengths[a] * (b - a) + extra for a, b in batches)
+
+    rng = random.Random(0)
+    for _ in range(60):
+        n, bs, new = rng.randint(1, 8), rng.randint(1, 5), rng.choice([1, 4, 48])
+        lengths = sorted((rng.choice([rng.randint(5, 60), rng.randint(200, 700)]) for _ in range(n)), reverse=True)
+        got = length_batches(lengths, bs, new)
+        assert got[0][0] == 0 and got[-1][1] == n and all(a < b <= a + bs for a, b in got)
+        assert all(x[1] == y[0] for x, y in zip(got, got[1:]))
+        best = min(cost(lengths, [(a, b) for a, b in zip((0,) + cuts, cuts + (n,))], new * STEP_OVERHEAD_TOKENS)
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                   if all(b - a <= bs for a, b in zip((0,) + cuts, cuts + (n,))))
+        assert cost(lengths, got, new * STEP_OVERHEAD_TOKENS) == best
+    assert length_batches([700] * 10 + [60] * 50, 64, 48) == [(0, 10), (10, 60)]
+    assert length_batches(list(range(60, 36, -1)), 64, 48) == [(0, 24)]
+    assert length_batches([100] * 130, 64, 48) == [(0, 64), (64, 128), (128, 130)]

@@ -1,7 +1,9 @@
 """Batched generation: chat template, optional prefill, left padding, KV cache.
 
-Prompts are sorted by length (longest first, so a batch that does not fit in memory fails at once) and
-the answers are returned in input order. Works for plain transformers models and PEFT models.
+Prompts are sorted by length (longest first, so a batch that does not fit in memory fails at once) and cut
+into batches of at most ``batch_size`` by :func:`length_batches` (a few long prompts get a batch of their own
+rather than padding every short one to their length); the answers are returned in input order. Works for
+plain transformers models and PEFT models.
 
 Engines (``engine=``):
 
@@ -154,6 +156,32 @@ def fit_prompt(tokenizer, messages: list[dict], prefill: str, limit: int) -> tup
     if len(ids) > limit:  # pragma: no cover - pathological tokenizer: cut the ids' middle as a last resort
         ids = ids[:limit // 2] + ids[len(ids) - (limit - limit // 2):]
     return ids, True
+
+
+# Fixed cost of one decode step in prompt-token equivalents (a CPU decode step of the default model costs about as
+# much as prefilling 40 tokens, whatever the batch; docs/PERFORMANCE.md): a batch of its own costs
+# max_new_tokens x this, against the padding it saves.
+STEP_OVERHEAD_TOKENS = 40
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_new_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, end)`` batches of prompts sorted longest first (``lengths``), at most ``batch_size``
+    each, that minimise the padded prompt tokens (rows x the batch's longest prompt) plus ``max_new_tokens x
+    STEP_OVERHEAD_TOKENS`` per batch: an exact dynamic programme. Prompts of similar length fill whole batches;
+    a few long ones (HarmBench's contextual behaviours: 300-700 tokens) get a batch of their own instead of
+    padding every short prompt to their length."""
+    n, extra = len(lengths), max_new_tokens * STEP_OVERHEAD_TOKENS
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - batch_size), j):
+            cost = best[i] + lengths[i] * (j - i) + extra
+            if cost <= best[j]:     # ties: the shorter last batch, so equal lengths give full batches, then the rest
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j > 0:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def _loop_generate(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos: set[int],
@@ -360,8 +388,8 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
             jobs_left: list = []
         else:
             jobs_left = jobs
-        for start in range(0, len(jobs_left), batch_size):
-            chunk = jobs_left[start:start + batch_size]
+        for start, end in length_batches([len(prompts[i]) for i, _ in jobs_left], batch_size, max_new_tokens):
+            chunk = jobs_left[start:end]
             ids, attn = left_pad([prompts[i] for i, _ in chunk], pad_id)
             sampler = None
             if do_sample:
