@@ -125,12 +125,9 @@ def _project_out(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def ablation_hooks(model: Any, r: torch.Tensor) -> Iterator[None]:
-    """Remove ``r`` from everything written into the residual stream (the same maths as
-    :func:`orthogonalise`, without touching weights); the hooks are always removed."""
-    def hook(_m, _inp, out):
-        return _project_out(out, r)
-
+def _residual_write_hooks(model: Any, hook) -> Iterator[None]:
+    """``hook`` on every module that writes into the residual stream (token embedding, each block's attention
+    output and MLP down projection); the hooks are always removed."""
     mods = [model.get_input_embeddings()]
     mods += [layer.get_submodule(name) for layer in decoder_layers(model) for name in WRITE_MODULES]
     handles = [m.register_forward_hook(hook) for m in mods]
@@ -139,6 +136,12 @@ def ablation_hooks(model: Any, r: torch.Tensor) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def ablation_hooks(model: Any, r: torch.Tensor):
+    """Remove ``r`` from everything written into the residual stream (the same maths as
+    :func:`orthogonalise`, without touching weights); the hooks are always removed."""
+    return _residual_write_hooks(model, lambda _m, _inp, out: _project_out(out, r))
 
 
 @torch.no_grad()
@@ -164,22 +167,14 @@ def orthogonalise(model: Any, r: torch.Tensor) -> None:
                 lin.bias -= (lin.bias @ rr) * rr
 
 
-@contextlib.contextmanager
-def row_ablation_hooks(model: Any, rows: dict) -> Iterator[None]:
+def row_ablation_hooks(model: Any, rows: dict):
     """Like :func:`ablation_hooks`, with one direction per batch row: ``rows["r"]`` [B, d] (a zero row leaves that row
     unchanged), read at every call so the caller can move it to the next chunk of rows."""
     def hook(_m, _inp, out):
         r = rows["r"].to(out.dtype)[:, None, :]
         return out - (out * r).sum(-1, keepdim=True) * r
 
-    mods = [model.get_input_embeddings()]
-    mods += [layer.get_submodule(name) for layer in decoder_layers(model) for name in WRITE_MODULES]
-    handles = [m.register_forward_hook(hook) for m in mods]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return _residual_write_hooks(model, hook)
 
 
 @torch.no_grad()
