@@ -189,6 +189,7 @@ def _ablated_answers(model: Any, tokenizer: Any, prompts: list[str], dirs: torch
     from transformers import DynamicCache
 
     from repbend.data.chat import prompt_ids
+    from repbend.models.generation import left_pad
 
     dev = wb.model_device(model)
     ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
@@ -199,10 +200,7 @@ def _ablated_answers(model: Any, tokenizer: Any, prompts: list[str], dirs: torch
         for s in range(0, len(jobs), batch_size):
             chunk = jobs[s:s + batch_size]
             holder["r"] = dirs[[v for v, _ in chunk]].to(dev)
-            rows = [ids[i] for _, i in chunk]
-            width = max(map(len, rows))
-            x = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+            x, mask = (t.to(dev) for t in left_pad([ids[i] for _, i in chunk], pad))
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             cache = DynamicCache(config=getattr(model, "config", None))
             logits = model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
