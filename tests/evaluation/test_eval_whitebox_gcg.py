@@ -31,7 +31,7 @@ def test_cached_candidate_loss_equals_full_forward(tiny_model, tiny_tokenizer):
     suffixes = t([tiny_tokenizer(" ! ! ! x", add_special_tokens=False)["input_ids"][:4],
                   tiny_tokenizer(" the sea and", add_special_tokens=False)["input_ids"][:4]])
     with torch.no_grad():
-        cache = tiny_model(input_ids=t(slots.before)[None], use_cache=True).past_key_values
+        cache = tiny_model(input_ids=t(slots.before)[None], use_cache=True).cache
         got, _ = candidate_losses(tiny_model, cache, suffixes, t(slots.after), t(slots.target), eval_batch=1)
         for s, loss in zip(suffixes, got):
             ids = torch.cat([t(slots.before), s, t(slots.after), t(slots.target)])[None]

@@ -205,7 +205,7 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: list[str], options: lis
         for n, group in enumerate(groups):
             flat = torch.tensor(group)
             rows = (flat // K).to(device)
-            cache = out.past_key_values if n == len(groups) - 1 else copy.deepcopy(out.past_key_values)
+            cache = out.cache if n == len(groups) - 1 else copy.deepcopy(out.cache)
             cache.batch_select_indices(rows)
             length = max(len(toks[j]) for j in group)
             oids = torch.full((len(group), length), pad, dtype=torch.long)
@@ -216,7 +216,7 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: list[str], options: lis
             oids, omask = oids.to(device), omask.to(device)
             logits = model(input_ids=oids, attention_mask=torch.cat([mask[rows], omask], 1),
                            position_ids=start[rows][:, None] + torch.arange(length, device=device)[None],
-                           past_key_values=cache).logits
+                           cache=cache).logits
             part = first[rows].gather(-1, oids[:, :1]).squeeze(-1)
             if length > 1:
                 lp = torch.log_softmax(logits[:, :-1].float(), -1)

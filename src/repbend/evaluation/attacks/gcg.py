@@ -96,7 +96,7 @@ def suffix_gradient(model: Any, emb: torch.nn.Module, cache: Any, suffix: torch.
     w = emb.weight
     one_hot = F.one_hot(suffix, w.shape[0]).to(w.dtype).requires_grad_(True)
     embeds = torch.cat([one_hot @ w, emb(after), emb(target)])[None]
-    logits = model(inputs_embeds=embeds, past_key_values=expand_cache(cache, 1, model.config),
+    logits = model(inputs_embeds=embeds, cache=expand_cache(cache, 1, model.config),
                    use_cache=True, logits_to_keep=len(target) + 1).logits[0, :-1].float()
     loss = F.cross_entropy(logits, target)
     grad, = torch.autograd.grad(loss, one_hot)
@@ -112,7 +112,7 @@ def candidate_losses(model: Any, cache: Any, cands: torch.Tensor, after: torch.T
         c = cands[s:s + eval_batch]
         n = len(c)
         ids = torch.cat([c, after.expand(n, -1), target.expand(n, -1)], dim=1)
-        logits = model(input_ids=ids, past_key_values=expand_cache(cache, n, model.config), use_cache=True,
+        logits = model(input_ids=ids, cache=expand_cache(cache, n, model.config), use_cache=True,
                        logits_to_keep=len(target) + 1).logits[:, :-1].float()
         losses.append(F.cross_entropy(logits.transpose(1, 2), target.expand(n, -1), reduction="none").mean(1))
         match.append((logits.argmax(-1) == target).all(1))
@@ -161,7 +161,7 @@ def optimise_suffix(model: Any, tokenizer: Any, slots: wb.PromptSlots, cfg: dict
     history, best_hist, filtered, matched = [], [], 0, False
     with wb.frozen(model):
         with torch.no_grad():
-            cache = model(input_ids=t(slots.before)[None], use_cache=True).past_key_values
+            cache = model(input_ids=t(slots.before)[None], use_cache=True).cache
         cost.forward += 1
         best, best_loss = suffix.clone(), float("inf")
         for _ in tqdm(range(cfg["steps"]), desc="gcg", disable=not progress, leave=False):
