@@ -92,3 +92,19 @@ def test_train_takes_a_shipped_config_by_name(capsys, tmp_path):
     one_line_error(code, err, "nodata", "has no train.jsonl")
     code, _, err = cli(capsys, "train", "-c", "no-such-config")
     one_line_error(code, err, "no-such-config")
+
+
+def test_precision_auto_follows_the_hardware_and_slow_bf16_is_said(monkeypatch, capsys):
+    import repbend.models.loading as loading
+    from repbend.training.config import resolve_precision
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(loading, "_WARNED", set())
+    for native, onednn, want in ((True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")):
+        monkeypatch.setattr(loading, "cpu_bf16", lambda native=True, n=native, o=onednn: n if native else o)
+        assert resolve_precision("auto") == want
+        assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"   # explicit choices kept
+        assert ("100x slower" in capsys.readouterr().err) == (not onednn)   # ... bf16 without any kernel: said
+    assert isinstance(loading.cpu_bf16(), bool) and isinstance(loading.cpu_bf16(native=False), bool)
+    assert TrainConfig.model_validate({"data": {"dir": "d"}, "output_dir": "o",
+                                       "training": {"precision": "auto"}}).training.precision == "auto"

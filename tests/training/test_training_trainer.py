@@ -56,6 +56,7 @@ def test_lora_trains_adapter_only_and_saves_loadable_folder(tiny_model_dir, buil
     info = json.loads((run / "run_info.json").read_text())
     assert info["status"] == "finished" and info["steps"] == 3 and (run / "config.yaml").is_file()
     assert info["threads"] == torch.get_num_threads()     # results reproduce bit for bit only at the same count
+    assert info["precision"] == "fp32"                     # the precision the run used, recorded
     assert (run / "tokenizer_config.json").is_file()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,36 @@ def _adapter_config(folder: Path) -> dict:
         raise RepbendError(f"Cannot read {folder / 'adapter_config.json'}: {e}") from None
 
 
+def cpu_bf16(native: bool = True) -> bool:
+    """Whether this CPU runs bf16 matrix products in hardware (``native``: AVX512-BF16, AMX or an ARM CPU with
+    BF16) or at least through oneDNN's AVX-512 kernels (``native=False``). On a CPU with neither (AVX2 only) a
+    bf16 product falls back to a reference kernel about 100x slower than fp32."""
+    import torch
+
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    if not native or platform.machine().lower() in ("aarch64", "arm64"):
+        return onednn   # on ARM oneDNN reports bf16 only where the CPU has BF16 instructions
+    units = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(f() for f in units if f is not None)
+
+
+def bf16_fast(on_gpu: bool) -> bool:
+    """Whether bf16 pays here: a CUDA device that supports it, or a CPU with bf16 units (:func:`cpu_bf16`)."""
+    import torch
+
+    return torch.cuda.is_bf16_supported() if on_gpu else cpu_bf16()
+
+
+def warn_slow_bf16(what: str) -> None:
+    """One line when bf16 would run on a CPU whose bf16 products take the slow reference kernel."""
+    if not cpu_bf16(native=False):
+        _say_once(f"warning: {what} in bf16 on this CPU (no AVX-512 / bf16 units) runs matrix products about 100x "
+                  f"slower than fp32; use fp32 (or precision auto) here")
+
+
 def pick_device_dtype(device: str | None, dtype: str | None):
     """Resolve ``device``/``dtype`` strings to (device string or "auto", torch dtype)."""
     import torch
@@ -121,6 +152,8 @@ def pick_device_dtype(device: str | None, dtype: str | None):
         name = DTYPES.get(str(dtype).lower().replace("torch.", ""))
         if name is None:
             raise RepbendError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
+        if name == "bfloat16" and device == "cpu":
+            warn_slow_bf16("running the model")
     return device, getattr(torch, name)
 
 

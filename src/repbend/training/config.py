@@ -176,7 +176,9 @@ class TrainingSection(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch x accum x processes).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null = no clipping.")
     grad_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% slower).")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (mixed precision) on GPU/CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="fp32; bf16 autocast (mixed precision, fp32 master weights) on GPU/CPU; auto: bf16 where "
+                            "the hardware computes it (a GPU with bf16, a CPU with AVX512-BF16/AMX), else fp32.")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, description="Write loss parts to metrics.csv/TensorBoard every N steps.")
     layer_stats_every: int = Field(25, ge=0, description="Per-layer policy-vs-reference L2/cosine (layers.csv) every N steps; 0 = off.")
@@ -274,3 +276,19 @@ def checked_method(cfg: TrainConfig, shape: tuple[int, int] | None = None):
             except RepbendError as e:
                 errors.append(str(e))
     return errors, method
+
+
+def resolve_precision(precision: str) -> str:
+    """``training.precision`` as run here: ``auto`` becomes bf16 where the hardware computes bf16 products, else fp32;
+    an explicit bf16 on a CPU that would emulate it is kept, with a warning."""
+    import torch
+
+    from repbend.models.loading import bf16_fast, warn_slow_bf16
+
+    on_gpu = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if bf16_fast(on_gpu) else "fp32"
+    if precision == "bf16" and not on_gpu:
+        warn_slow_bf16("training.precision=bf16: training")
+    return precision
+

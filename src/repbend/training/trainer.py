@@ -27,7 +27,7 @@ from repbend.methods.base import Need
 from repbend.seeding import seed_everything
 from repbend.training.checkpoint import (TrainState, load_checkpoint, main_rank, only_trainable_hook, prepare_run_dir,
                                         save_checkpoint)
-from repbend.training.config import TrainConfig, checked_method, model_shape
+from repbend.training.config import TrainConfig, checked_method, model_shape, resolve_precision
 from repbend.training.data import (StepSampler, collate_splits, encode_pools, load_rows, repeat_kinds, rows_of,
                                    split_rows)
 from repbend.training.forward import forward_states, head_fn
@@ -134,8 +134,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
     if method is not None:
         split_rows(rows, list(method.needs()), paired=cfg.data.paired_refusals > 0)  # a missing split fails here
     # cpu=True without CUDA: accelerate then sees torchrun's WORLD_SIZE and uses gloo (MULTI_CPU)
-    acc = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no", gradient_accumulation_steps=tc.grad_accum,
+    precision = resolve_precision(tc.precision)
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=tc.grad_accum,
                       cpu=not torch.cuda.is_available())
+    if tc.precision == "auto" and acc.is_main_process:
+        print(f"repbend: training.precision auto -> {precision} on {acc.device.type}", flush=True)
     seed_everything(tc.seed)
     pair, method = build_models(cfg, method)
     needs = method.needs()
@@ -163,7 +166,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
         ckpt = load_checkpoint(acc, candidates, state, deepspeed=deepspeed)  # only trainable tensors saved
         _truncate_logs(tele, state.step)
     elif acc.is_main_process:
-        write_run_info(run_dir, cfg, tc.seed, kind="train", status="running", **pair.info)
+        write_run_info(run_dir, cfg, tc.seed, kind="train", status="running", precision=precision, **pair.info)
     acc.wait_for_everyone()
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not acc.is_main_process)
     last_ckpt = ckpt
@@ -218,7 +221,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
     if acc.is_main_process:
         tele.plot()
         write_run_info(run_dir, cfg, tc.seed, kind="train", status="finished", steps=state.step,
-                       wall_seconds=round(time.time() - t_start, 1), num_processes=acc.num_processes, **pair.info)
+                       wall_seconds=round(time.time() - t_start, 1), num_processes=acc.num_processes, precision=precision,
+                       **pair.info)
     tele.close()
     acc.wait_for_everyone()
     return run_dir
