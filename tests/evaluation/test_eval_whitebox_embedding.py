@@ -61,6 +61,35 @@ def test_target_losses_match_a_direct_unpadded_computation(tiny_model, tiny_toke
             torch.testing.assert_close(batched[i], direct, atol=1e-4, rtol=1e-4)
 
 
+def test_cached_prefix_gives_the_full_sequence_loss_and_gradient(tiny_model, tiny_tokenizer):
+    """A step runs only [soft, after, target] over the cached prompt beginnings; a subset of rows selects from
+    the same cache: the losses and the soft tokens' gradients equal one plain forward/backward per row."""
+    import torch.nn.functional as F
+
+    from repbend.evaluation.attacks.embedding import Prefix
+
+    behaviours = BEHAVIOURS + [Behaviour("b2", "Hi", "t", target="Sure")]
+    slots = [wb.prompt_slots(tiny_tokenizer, b.prompt, b.target) for b in behaviours]
+    emb = tiny_model.get_input_embeddings()
+    torch.manual_seed(0)
+    soft = (torch.randn(len(slots), 5, emb.weight.shape[1]) * 0.02).requires_grad_(True)
+    with wb.frozen(tiny_model):
+        prefix = Prefix(tiny_model, slots)
+        rows = [0, 2]
+        losses = target_losses(tiny_model, emb, [slots[i] for i in rows], soft[rows], prefix, rows)
+        grad, = torch.autograd.grad(losses.sum(), soft)
+        for j, i in enumerate(rows):
+            s = slots[i]
+            ids = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+            row = torch.cat([emb(ids(s.before)), soft[i], emb(ids(s.after + s.target))]).unsqueeze(0)
+            logits = tiny_model(inputs_embeds=row).logits[0].float()
+            direct = F.cross_entropy(logits[-len(s.target) - 1:-1], ids(s.target))
+            torch.testing.assert_close(losses[j], direct, atol=1e-5, rtol=1e-5)
+            g, = torch.autograd.grad(direct, soft)
+            torch.testing.assert_close(grad[i], g[i], atol=1e-5, rtol=1e-4)
+        assert grad[1].abs().sum() == 0                      # a row outside the subset gets no gradient
+
+
 def test_only_soft_tokens_change_and_grad_flags_restored(tiny_model, tiny_tokenizer, tmp_path):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     flags = [p.requires_grad for p in tiny_model.parameters()]

@@ -5,7 +5,9 @@ and the generation prompt). Only those vectors take gradients (every model param
 included, is frozen for the duration). The loss is the mean cross-entropy of the target tokens
 ("Sure, here is ...") after the generation prompt. Several behaviours are optimised together (left
 padding with explicit position ids; each row's loss is independent, so the rows do not interact; the LM
-head runs only on the positions that predict target tokens). The answer is then generated
+head runs only on the positions that predict target tokens). The prompt before the soft tokens is run
+once per batch and kept as a KV cache, so a step's forward and backward passes cover only the soft
+tokens, the end of the turn and the target. The answer is then generated
 from the embeddings (left padding, ``model.generate(inputs_embeds=...)``).
 
 Presets (``preset``; any field set explicitly overrides the preset):
@@ -75,43 +77,70 @@ class EmbeddingConfig(Section):
         return wb.resolve_preset(PRESETS, self)
 
 
-def _batch_for_loss(emb: torch.nn.Module, slots: list[wb.PromptSlots], soft: torch.Tensor):
-    """LEFT-padded inputs_embeds [before, soft, after, target], attention mask, position ids and labels
-    (-100 elsewhere). Left padding puts every row's target at the end, so the LM head only has to run on
-    the last ``max target length + 1`` positions (see :func:`target_losses`)."""
-    dev, k = soft.device, soft.shape[1]
-    rows, labels = [], []
-    for s, vecs in zip(slots, soft):
-        ids = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        rows.append(torch.cat([emb(ids(s.before)), vecs, emb(ids(s.after + s.target))]))
-        lab = torch.full((len(rows[-1]),), -100, dtype=torch.long, device=dev)
-        lab[len(s.before) + k + len(s.after):] = ids(s.target)
-        labels.append(lab)
-    width = max(len(r) for r in rows)
-    mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
-    for i, r in enumerate(rows):
-        mask[i, width - len(r):] = 1
-    embeds = torch.stack([F.pad(r, (0, 0, width - len(r), 0)) for r in rows])
-    lab = torch.stack([F.pad(x, (width - len(x), 0), value=-100) for x in labels])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return embeds, mask, positions, lab
+class Prefix:
+    """The prompts' fixed beginnings (``slots[i].before``: template header and request), run once per batch.
+
+    Nothing before the soft tokens depends on them, so their keys and values are computed once (no gradient)
+    and every optimisation step runs, forward and backward, only over ``[soft, after, target]``: the
+    request's tokens were about half of every step's work. Rows are left-padded; :meth:`rows` gives a
+    fresh cache for a subset of the rows (the cached tensors themselves are never modified)."""
+
+    def __init__(self, model: Any, slots: list[wb.PromptSlots]):
+        from repbend.models.generation import left_pad
+
+        dev = wb.model_device(model)
+        ids, mask = (t.to(dev) for t in left_pad([s.before for s in slots], 0))
+        self.mask, self.layers = mask, None
+        if ids.shape[1]:
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            use_cache=True, logits_to_keep=1)
+            self.layers = [(k, v) for k, v, *_ in out.cache]
+        self.config = getattr(model, "config", None)
+
+    def rows(self, rows: list[int]):
+        """(cache or None, prefix attention mask) for ``rows``."""
+        from transformers import DynamicCache
+
+        idx = torch.tensor(rows, device=self.mask.device)
+        if self.layers is None:
+            return None, self.mask[idx]
+        return DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in self.layers], config=self.config), self.mask[idx]
 
 
-def target_losses(model: Any, emb: torch.nn.Module, slots: list[wb.PromptSlots], soft: torch.Tensor) -> torch.Tensor:
+def target_losses(model: Any, emb: torch.nn.Module, slots: list[wb.PromptSlots], soft: torch.Tensor,
+                  prefix: Prefix | None = None, rows: list[int] | None = None) -> torch.Tensor:
     """Mean cross-entropy of each behaviour's target tokens given its soft embeddings (shape [batch]).
 
-    Only the positions that predict target tokens go through the LM head (``logits_to_keep``): with a
-    49k vocabulary and ~100-token prompts that is most of the head's forward and backward cost saved.
+    ``prefix`` (of ``slots``, or of a larger list whose ``rows`` these are) holds the prompts' beginnings;
+    without it they are run here. The part after them, ``[soft, after, target]``, is LEFT-padded too (the
+    padding sits between the two parts; position ids follow the real tokens), so every row's target ends
+    the sequence and only the positions that predict target tokens go through the LM head
+    (``logits_to_keep``): with a 49k vocabulary that is most of the head's forward and backward cost saved.
     """
-    embeds, mask, positions, labels = _batch_for_loss(emb, slots, soft)
+    if prefix is None:
+        prefix, rows = Prefix(model, slots), None
+    cache, pmask = prefix.rows(rows if rows is not None else list(range(len(slots))))
+    dev, k = soft.device, soft.shape[1]
+    ids = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+    parts = [torch.cat([vecs, emb(ids(s.after + s.target))]) for s, vecs in zip(slots, soft)]
+    width = max(len(p) for p in parts)
+    smask = torch.zeros(len(parts), width, dtype=torch.long, device=dev)
+    labels = torch.full((len(parts), width), -100, dtype=torch.long, device=dev)
+    for i, (s, p) in enumerate(zip(slots, parts)):
+        smask[i, width - len(p):] = 1
+        labels[i, width - len(s.target):] = ids(s.target)
+    embeds = torch.stack([F.pad(p, (0, 0, width - len(p), 0)) for p in parts])
+    positions = (pmask.sum(-1, keepdim=True) + smask.cumsum(-1) - 1).clamp(min=0)
+    mask = torch.cat([pmask, smask], 1)
     keep = max(len(s.target) for s in slots) + 1
+    kw = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None)
     try:
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                       logits_to_keep=keep).logits.float()
+        logits = model(**kw, logits_to_keep=keep).logits.float()
     except TypeError as e:   # a model class without logits_to_keep: full logits, same result
         if "logits_to_keep" not in str(e):
             raise
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits.float()
+        logits = model(**kw).logits.float()
     logits = logits[:, -keep:][:, :-1]
     lab = labels[:, -keep + 1:]
     ce = F.cross_entropy(logits.transpose(1, 2), lab, ignore_index=-100, reduction="none")
@@ -140,9 +169,10 @@ def optimise(model: Any, tokenizer: Any, slots: list[wb.PromptSlots], init_texts
     active = list(range(len(slots)))
     t0 = time.perf_counter()
     with wb.frozen(model):
+        prefix = Prefix(model, slots)
         for _ in tqdm(range(cfg["steps"]), desc="embedding attack", disable=not progress, leave=False):
             sub = soft[active].to(emb.weight.dtype)
-            losses = target_losses(model, emb, [slots[i] for i in active], sub)
+            losses = target_losses(model, emb, [slots[i] for i in active], sub, prefix, active)
             cost.forward += len(active)
             cost.backward += len(active)
             grad, = torch.autograd.grad(losses.sum(), soft)
@@ -167,7 +197,8 @@ def optimise(model: Any, tokenizer: Any, slots: list[wb.PromptSlots], init_texts
                     soft[active] -= cfg["lr"] * grad[active]
         if active:   # losses of the final update were never measured: measure them once
             with torch.no_grad():
-                losses = target_losses(model, emb, [slots[i] for i in active], soft[active].to(emb.weight.dtype))
+                losses = target_losses(model, emb, [slots[i] for i in active], soft[active].to(emb.weight.dtype),
+                                       prefix, active)
             cost.forward += len(active)
             for j, i in enumerate(active):
                 history[i].append(round(float(losses[j]), 5))
