@@ -101,10 +101,12 @@ def test_precision_auto_follows_the_hardware_and_slow_bf16_is_said(monkeypatch, 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr(loading, "_WARNED", set())
     for native, onednn, want in ((True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")):
-        monkeypatch.setattr(loading, "cpu_bf16", lambda native=True, n=native, o=onednn: n if native else o)
+        monkeypatch.setattr(loading, "cpu_bf16_units", lambda n=native: n)
+        monkeypatch.setattr(loading, "cpu_bf16_kernels", lambda o=onednn: o)
         assert resolve_precision("auto") == want
         assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"   # explicit choices kept
         assert ("100x slower" in capsys.readouterr().err) == (not onednn)   # ... bf16 without any kernel: said
-    assert isinstance(loading.cpu_bf16(), bool) and isinstance(loading.cpu_bf16(native=False), bool)
+    monkeypatch.undo()
+    assert isinstance(loading.cpu_bf16_units(), bool) and isinstance(loading.cpu_bf16_kernels(), bool)
     assert TrainConfig.model_validate({"data": {"dir": "d"}, "output_dir": "o",
                                        "training": {"precision": "auto"}}).training.precision == "auto"

@@ -102,32 +102,38 @@ def _adapter_config(folder: Path) -> dict:
         raise RepbendError(f"Cannot read {folder / 'adapter_config.json'}: {e}") from None
 
 
-def cpu_bf16(native: bool = True) -> bool:
-    """Whether this CPU runs bf16 matrix products in hardware (``native``: AVX512-BF16, AMX or an ARM CPU with
-    BF16) or at least through oneDNN's AVX-512 kernels (``native=False``). On a CPU with neither (AVX2 only) a
-    bf16 product falls back to a reference kernel about 100x slower than fp32."""
+def cpu_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512, or ARM BF16). Without them (AVX2 only) a bf16
+    matrix product falls back to a reference kernel about 100x slower than fp32."""
     import torch
 
     try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        onednn = False
-    if not native or platform.machine().lower() in ("aarch64", "arm64"):
-        return onednn   # on ARM oneDNN reports bf16 only where the CPU has BF16 instructions
+        return False
+
+
+def cpu_bf16_units() -> bool:
+    """Whether this CPU computes bf16 products in hardware: AVX512-BF16 or AMX, or an ARM CPU with BF16 (which
+    oneDNN reports as bf16 support only where the instructions exist)."""
+    import torch
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return cpu_bf16_kernels()
     units = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(f() for f in units if f is not None)
 
 
 def bf16_fast(on_gpu: bool) -> bool:
-    """Whether bf16 pays here: a CUDA device that supports it, or a CPU with bf16 units (:func:`cpu_bf16`)."""
+    """Whether bf16 pays here: a CUDA device that supports it, or a CPU with bf16 units."""
     import torch
 
-    return torch.cuda.is_bf16_supported() if on_gpu else cpu_bf16()
+    return torch.cuda.is_bf16_supported() if on_gpu else cpu_bf16_units()
 
 
 def warn_slow_bf16(what: str) -> None:
     """One line when bf16 would run on a CPU whose bf16 products take the slow reference kernel."""
-    if not cpu_bf16(native=False):
+    if not cpu_bf16_kernels():
         _say_once(f"warning: {what} in bf16 on this CPU (no AVX-512 / bf16 units) runs matrix products about 100x "
                   f"slower than fp32; use fp32 (or precision auto) here")
 

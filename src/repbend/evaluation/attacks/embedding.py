@@ -100,12 +100,10 @@ class Prefix:
 
     def rows(self, rows: list[int]):
         """(cache or None, prefix attention mask) for ``rows``."""
-        from transformers import DynamicCache
-
         idx = torch.tensor(rows, device=self.mask.device)
         if self.layers is None:
             return None, self.mask[idx]
-        return DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in self.layers], config=self.config), self.mask[idx]
+        return wb.cache_from([(k[idx], v[idx]) for k, v in self.layers], self.config), self.mask[idx]
 
 
 def target_losses(model: Any, emb: torch.nn.Module, slots: list[wb.PromptSlots], soft: torch.Tensor,

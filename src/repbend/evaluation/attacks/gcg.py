@@ -83,11 +83,8 @@ def allowed_tokens(tokenizer: Any, vocab: int, allow_non_ascii: bool) -> torch.T
 
 
 def expand_cache(cache: Any, n: int, config: Any) -> Any:
-    """A fresh DynamicCache holding the prefix ``n`` times (views; later updates concatenate, never mutate)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v, *_ in cache],
-                        config=config)
+    """A fresh cache holding the prefix ``n`` times (views; see :func:`whitebox_common.cache_from`)."""
+    return wb.cache_from([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v, *_ in cache], config)
 
 
 def suffix_gradient(model: Any, emb: torch.nn.Module, cache: Any, suffix: torch.Tensor, after: torch.Tensor,

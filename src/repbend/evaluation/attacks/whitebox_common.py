@@ -69,6 +69,14 @@ def input_embeddings(attack: str, model: Any) -> torch.nn.Module:
     return emb
 
 
+def cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> Any:
+    """A fresh ``DynamicCache`` over per-layer (keys, values): later updates concatenate, so the tensors given
+    (a prefix run once and reused every step) are never modified."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers, config=config)
+
+
 def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
