@@ -19,7 +19,7 @@ With ``--sft`` a third variant times plain supervised fine-tuning (response cros
 trainable weights on the same rows, one padded batch, and prints the RepBend / SFT step-time ratio.
 With ``--bf16`` the engine (and SFT) are timed again under bf16 autocast (``training.precision: bf16``,
 what accelerate's ``mixed_precision="bf16"`` does on a CPU): speed-up over fp32 and the first-step loss
-difference. On CPUs with AMX / AVX512-BF16 the matrix products run several times faster in bf16.
+difference. On CPUs with AMX the matrix products run several times faster in bf16 (AVX512-BF16 alone: slower than fp32).
 
     python benchmarks/bench_train_step.py [--data data/built-default] [--batch 2] [--steps 1] [--sft] [--bf16]
 """

@@ -110,3 +110,16 @@ def test_precision_auto_follows_the_hardware_and_slow_bf16_is_said(monkeypatch, 
     assert isinstance(loading.cpu_bf16_units(), bool) and isinstance(loading.cpu_bf16_kernels(), bool)
     assert TrainConfig.model_validate({"data": {"dir": "d"}, "output_dir": "o",
                                        "training": {"precision": "auto"}}).training.precision == "auto"
+
+
+def test_bf16_pays_on_x86_only_with_amx(monkeypatch):
+    """AVX512-BF16 without AMX computes bf16 products slower than fp32, so ``auto`` keeps fp32 there."""
+    import torch
+
+    import repbend.models.loading as loading
+
+    monkeypatch.setattr(loading.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    for amx in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a, raising=False)
+        assert loading.cpu_bf16_units() is amx

@@ -178,7 +178,7 @@ class TrainingSection(Section):
     grad_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% slower).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32", description="fp32; bf16 autocast (mixed precision, fp32 master weights) on GPU/CPU; auto: bf16 where "
-                            "the hardware computes it (a GPU with bf16, a CPU with AVX512-BF16/AMX), else fp32.")
+                            "the hardware computes it (a GPU with bf16, an x86 CPU with AMX), else fp32.")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     log_every: int = Field(1, ge=1, description="Write loss parts to metrics.csv/TensorBoard every N steps.")
     layer_stats_every: int = Field(25, ge=0, description="Per-layer policy-vs-reference L2/cosine (layers.csv) every N steps; 0 = off.")
