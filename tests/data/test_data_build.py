@@ -211,10 +211,31 @@ def test_cli_build_and_show(fixture_sources, tiny_model_dir, tmp_path, capsys):
     assert "generation.batch_size" in capsys.readouterr().err
 
 
-def test_budgeted_build_answers_only_what_training_draws_and_extends(fixture_sources, tiny_model_dir, tmp_path,
-                                                                     monkeypatch):
-    """rows_needed: requests are answered window by window in a seeded order until the draws are covered; a larger
-    budget extends the same folder, answering only new requests, with the earlier answers unchanged."""
+def _train_cfg(data_dir, seed, steps):
+    from repbend.training import TrainConfig
+    return TrainConfig.model_validate({"data": {"dir": str(data_dir), "batch_size": {"safe": 2, "unsafe": 1,
+                                                                                     "retain": 1}},
+                                       "output_dir": "unused", "training": {"max_steps": steps, "seed": seed}})
+
+
+def _draws(data_dir, cfg, steps):
+    """The rows (ids) a run of ``cfg`` draws from the data folder, split by split, step by step."""
+    from repbend.training.data import StepSampler, split_rows
+
+    by = split_rows(load_built(data_dir).train, ["safe", "unsafe", "retain"])
+    sampler = StepSampler(by, cfg.data.batch_size, cfg.training.seed, ids={s: [r["id"] for r in rows]
+                                                                             for s, rows in by.items()})
+    return [{s: [r["id"] for r in rows] for s, rows in sampler.next().items()} for _ in range(steps)]
+
+
+def test_budgeted_build_gives_the_runs_the_rows_of_a_whole_build_and_extends(fixture_sources, tiny_model_dir,
+                                                                             tmp_path, monkeypatch):
+    """rows_needed: only the requests whose rows the runs draw (and the validation requests) are answered; the
+    runs then draw exactly the rows of a whole-pool build, val.jsonl is the whole build's, and a larger budget
+    extends the folder without answering anything twice (the same files as a fresh build of that budget)."""
+    from repbend.data.build_config import RowBudget
+    from repbend.training.data import budget_note, draws_of
+
     real, asked = build_mod.generate, []
 
     def counting(model, tok, convs, **kw):
@@ -222,50 +243,33 @@ def test_budgeted_build_answers_only_what_training_draws_and_extends(fixture_sou
         return real(model, tok, convs, **kw)
 
     monkeypatch.setattr(build_mod, "generate", counting)
-    small = small_config(tiny_model_dir, **{"generation.batch_size": 1, "rows_needed": "{safe: 1, unsafe: 1, "
-                                                                                        "retain: 1, margin: 0, window: 4}"})
+    whole = small_config(tiny_model_dir, **{"generation.batch_size": 1})
+    build_dataset(whole, tmp_path / "whole", progress=False)
+    n_whole, run = len(asked), _train_cfg(tmp_path / "run", seed=3, steps=2)
+    small = whole.model_copy(update={"rows_needed": RowBudget(draws=[draws_of(run)], margin=0, window=1)})
+    asked.clear()
     m1 = build_dataset(small, tmp_path / "run", progress=False)
     req = m1["requests"]
-    assert req["harmful_requests"] + req["unanswered_harmful"] == 6 and req["unanswered_harmful"] > 0
-    assert req["benign_requests"] + req["unanswered_benign"] == 8 and req["unanswered_benign"] > 0
-    assert len(asked) == req["harmful_requests"] + req["benign_requests"] < 14
-    rows1 = {r["id"]: r for r in load_built(tmp_path / "run").train + load_built(tmp_path / "run").val}
-    assert sum(r["split"] == "unsafe" for r in rows1.values()) >= 2 and m1["rows_needed"]["unsafe"] == 1
+    assert req["harmful_requests"] + req["unanswered_harmful"] == 6
+    assert req["benign_requests"] + req["unanswered_benign"] == 8
+    assert len(asked) == req["harmful_requests"] + req["benign_requests"] < n_whole
+    assert (tmp_path / "run" / "val.jsonl").read_bytes() == (tmp_path / "whole" / "val.jsonl").read_bytes()
+    part, full = load_built(tmp_path / "run").train, load_built(tmp_path / "whole").train
+    assert [r for r in full if r["id"] in {x["id"] for x in part}] == part and len(part) < len(full)
+    assert _draws(tmp_path / "run", run, 2) == _draws(tmp_path / "whole", run, 2)
+    assert budget_note(run) is None
+    longer = _train_cfg(tmp_path / "run", seed=3, steps=6)
+    assert "built for other draws" in budget_note(longer) and "seed 3, safe 12" in budget_note(longer)
+    assert _draws(tmp_path / "run", longer, 6) != _draws(tmp_path / "whole", longer, 6)   # past the budget
 
-    big = small.model_copy(update={"rows_needed": small.rows_needed.model_copy(update={"unsafe": 50, "retain": 50})})
+    big = small.model_copy(update={"rows_needed": RowBudget(draws=[draws_of(longer)], margin=0, window=1)})
     first = list(asked)
-    m2 = build_dataset(big, tmp_path / "run", progress=False)            # same folder: extended, not refused
+    build_dataset(big, tmp_path / "run", progress=False)            # same folder: extended, not refused
     assert not set(first) & set(asked[len(first):]), "answers of the smaller build were generated again"
-    assert m2["requests"]["unanswered_harmful"] == 0 and m2["requests"]["unanswered_benign"] == 0
-    rows2 = {r["id"]: r for r in load_built(tmp_path / "run").train + load_built(tmp_path / "run").val}
-    assert all(rows2[k]["response"] == r["response"] for k, r in rows1.items() if k in rows2)
-    assert set(rows1) <= set(rows2)
+    assert _draws(tmp_path / "run", longer, 6) == _draws(tmp_path / "whole", longer, 6)
     build_dataset(big, tmp_path / "fresh", progress=False)              # a fresh build of the larger budget
     for name in ("train.jsonl", "val.jsonl"):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
-    assert build_dataset(big, tmp_path / "run", progress=False)["rows_needed"] == m2["rows_needed"]
-
-
-def test_budget_order_keeps_each_sources_share_in_every_prefix():
-    """A budgeted build answers a prefix of this order, so the answered subset must have the pool's mix of sources
-    (e.g. over-refusal look-alikes among the benign requests), not whatever one shuffle gives; `random` is a
-    plain seeded shuffle. Both are permutations and fixed by the seed."""
-    from repbend.data.build import _budget_order
-
-    rows = [{"id": f"b{i}", "source": "benign"} for i in range(70)] + \
-           [{"id": f"o{i}", "source": "overrefusal"} for i in range(25)] + \
-           [{"id": f"x{i}", "source": "other"} for i in range(5)]
-    order = _budget_order(rows, 0, "answer-benign", "stratified")
-    assert sorted(r["id"] for r in order) == sorted(r["id"] for r in rows)
-    assert order == _budget_order(list(reversed(rows)), 0, "answer-benign", "stratified")
-    assert order != _budget_order(rows, 1, "answer-benign", "stratified")
-    for m in range(1, len(rows) + 1):
-        for source, n in (("benign", 70), ("overrefusal", 25), ("other", 5)):
-            got = sum(r["source"] == source for r in order[:m])
-            assert abs(got - m * n / len(rows)) <= 1, (m, source, got)
-    shuffled = _budget_order(rows, 0, "answer-benign", "random")
-    assert sorted(r["id"] for r in shuffled) == sorted(r["id"] for r in rows) and shuffled != order
-    assert max(abs(sum(r["source"] == "overrefusal" for r in shuffled[:m]) - m * 0.25) for m in range(1, 101)) > 1
 
 
 def test_the_default_build_keeps_its_config_hash():

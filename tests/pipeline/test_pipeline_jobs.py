@@ -212,29 +212,31 @@ def test_summary_shows_stage_times_and_generation_speed(tmp_path):
 
 def test_demo_builds_only_the_rows_its_training_draws(tmp_path):
     def stages(overrides, **extra):
-        cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides,
-                                                "build_only_needed": True, **extra})
+        cfg = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "train_overrides": overrides, **extra})
         return {s.name: s for s in plan(cfg)}
 
-    default = load_config(PipelineConfig, data={"output_dir": str(tmp_path)})
-    assert {s.name: s for s in plan(default)}["build data"].fingerprint["data"]["rows_needed"] is None  # whole pool
     short = stages(["training.max_steps=10"])
     budget = short["build data"].fingerprint["data"]["rows_needed"]
-    assert budget == {"safe": 20, "unsafe": 20, "retain": 20, "margin": 0.25,
-                      "window": 64, "order": "stratified"}    # 10 steps x 2 rows per split
-    longer = stages(["training.max_steps=30"])
-    assert longer["build data"].fingerprint["data"]["rows_needed"]["unsafe"] == 60   # more steps extend the build
+    # 10 steps x 2 rows per split, rounded up to whole length-bucketing windows (16 batches of 2 rows)
+    assert budget == {"draws": [{"seed": 0, "safe": 32, "unsafe": 32, "retain": 32, "repeat_kinds": {}}],
+                      "margin": 0.1, "window": 64}
+    longer = stages(["training.max_steps=30"], seeds=[0, 1])
+    assert [d["unsafe"] for d in longer["build data"].fingerprint["data"]["rows_needed"]["draws"]] == [64, 64]
+    assert [d["seed"] for d in longer["build data"].fingerprint["data"]["rows_needed"]["draws"]] == [0, 1]
     assert longer["train repbend seed 0"].fingerprint["data"] == longer["build data"].fingerprint["data"]
+    plain = stages(["training.max_steps=10", "data.length_bucketing=false", "data.repeat_kinds={harmful: 2}"])
+    assert plain["build data"].fingerprint["data"]["rows_needed"]["draws"] == [
+        {"seed": 0, "safe": 20, "unsafe": 20, "retain": 20, "repeat_kinds": {"harmful": 2}}]
     everything = stages([], build_only_needed=False)   # the whole pool, as `repbend data build`
     assert everything["build data"].fingerprint["data"]["rows_needed"] is None
-    # the budget's options from data_overrides; its row counts still come from the training steps
-    rand = stages(["training.max_steps=10"], data_overrides=["rows_needed.order=random", "generation.batch_size=16"])
-    data = rand["build data"].fingerprint["data"]
-    assert data["rows_needed"] == {**budget, "order": "random"} and data["generation"]["batch_size"] == 16
-    fixed = stages([], data_overrides=["rows_needed.unsafe=7"])   # counts the user gives are kept as they are
-    assert fixed["build data"].fingerprint["data"]["rows_needed"]["unsafe"] == 7
-    with pytest.raises(ConfigError, match="rows_needed.order"):
-        stages([], data_overrides=["rows_needed.order=sorted"])
+    # the budget's options from data_overrides; its draws still come from the training configs
+    opts = stages(["training.max_steps=10"], data_overrides=["rows_needed.margin=0.5", "generation.batch_size=16"])
+    data = opts["build data"].fingerprint["data"]
+    assert data["rows_needed"] == {**budget, "margin": 0.5} and data["generation"]["batch_size"] == 16
+    fixed = stages([], data_overrides=["rows_needed.draws=[{seed: 4, unsafe: 7}]"])   # draws the user gives are kept
+    assert fixed["build data"].fingerprint["data"]["rows_needed"]["draws"][0]["unsafe"] == 7
+    with pytest.raises(ConfigError, match="rows_needed.margin"):
+        stages([], data_overrides=["rows_needed.margin=-1"])
 
 
 def test_summary_links_the_analysis_of_each_trained_model(tmp_path):

@@ -121,17 +121,38 @@ def test_paired_refusals_join_the_safe_rows_of_the_same_step():
 
 
 def test_draws_without_the_new_options_follow_the_documented_order():
-    """paired_refusals 0 (the default config): each split's rows come in the documented order, an epoch-wise
-    permutation seeded by (seed, split salt, epoch), batch_size rows a step, untouched by the pairing option."""
-    import numpy as np
+    """paired_refusals 0 (the default config): each split's rows come in the documented order, each epoch sorted by
+    a hash of (seed, split, epoch, row id), batch_size rows a step, untouched by the pairing option."""
+    import hashlib
 
     by = split_rows(make_rows(), ["safe", "unsafe", "retain"])
     assert split_rows(make_rows(), ["safe", "unsafe", "retain"], paired=False) == by and "paired" not in by
     pools = {s: _pool(len(r)) for s, r in by.items()}
-    sampler = StepSampler(pools, {"safe": 2, "unsafe": 2, "retain": 2}, seed=5, paired_refusals=0)
+    ids = {s: [r["id"] for r in rows] for s, rows in by.items()}
+    sampler = StepSampler(pools, {"safe": 2, "unsafe": 2, "retain": 2}, seed=5, paired_refusals=0, ids=ids)
     steps = [sampler.next() for _ in range(12)]
-    for salt, split in enumerate(("safe", "unsafe", "retain"), start=1):
-        n = len(pools[split])
-        order = np.concatenate([np.random.default_rng([5, salt, e]).permutation(n) for e in range(6)])
+    for split in ("safe", "unsafe", "retain"):
+        rank = lambda e, k: hashlib.blake2b(f"5|{split}|{e}|{k}".encode(), digest_size=8).digest()  # noqa: E731
+        order = [i for e in range(30) for i in sorted(range(len(ids[split])), key=lambda i: rank(e, ids[split][i]))]
         want = [pools[split][i] for i in order[:24]]
         assert [id(e) for st in steps for e in st[split]] == [id(e) for e in want]
+
+
+@pytest.mark.parametrize("bucketing", [False, True])
+def test_a_pool_holding_the_first_rows_of_the_order_draws_the_same_rows(bucketing):
+    """Any subset of a pool that keeps the rows the whole pool's first draws take (whole bucketing windows with
+    length bucketing) draws the same rows in the same order: what a budgeted data build relies on."""
+    from repbend.training.data import draw_order
+
+    ids = [f"req{i}#safe" for i in range(200)]
+    whole = {"safe": [Encoded([1] * (2 + i % 17), 1, 1 + i % 17) for i in range(200)]}
+    steps, bs, windows = 10, 3, 4   # 30 rows drawn; bucketing windows of 4 batches = 12 rows -> 36 rows needed
+    first = draw_order(ids, 7, "safe", 0)[:36 if bucketing else 30]
+    rest = [i for i in draw_order(ids, 7, "safe", 0)[36:] if i % 3 == 0]   # a subset keeps some later rows too
+    keep = sorted(set(first.tolist()) | set(rest))
+    part = {"safe": [whole["safe"][i] for i in keep]}
+    opts = dict(seed=7, bucketing=bucketing, bucket_batches=windows)
+    a = StepSampler(whole, {"safe": bs}, ids={"safe": ids}, **opts)
+    b = StepSampler(part, {"safe": bs}, ids={"safe": [ids[i] for i in keep]}, **opts)
+    for _ in range(steps):
+        assert [id(e) for e in a.next()["safe"]] == [id(e) for e in b.next()["safe"]]

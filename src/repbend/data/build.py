@@ -7,19 +7,21 @@ Steps (docs/DATA.md):
    each source at its ``max_rows`` (seeded sample);
 3. the model to be defended answers every training request (greedy by default), batch by batch; each
    finished batch is appended to ``generations.jsonl`` so an interrupted build resumes where it stopped.
-   With ``rows_needed`` (set by ``repbend demo`` / ``compare`` from the training steps) only enough requests are
-   answered: harmful and benign requests are taken in a seeded order (hash of seed and id) that keeps each
-   source's share of the pool in every prefix, window by window, until the rows expected in
-   ``train.jsonl`` cover the draws plus the margin (``rows_needed.window`` requests at a time, 64 by default, at least one batch). A window's
-   batches depend only on the window, so a larger budget answers the same first windows identically
-   and adds windows after them (the requests left out are counted in the manifest);
+   With ``rows_needed`` (set by ``repbend demo`` / ``compare`` from their training configs) only the requests
+   whose rows the training runs will draw are answered: every run's draw order is a hash of (training seed,
+   split, row id) (:func:`repbend.training.data.draw_order`), known before any answer, so the build walks each
+   run's order over the rows every request could give and answers requests (``rows_needed.window`` at a time)
+   until the first ``draws x (1 + margin)`` rows of each split are settled. The trainer then draws from this
+   ``train.jsonl`` exactly the rows it would draw from a whole-pool build's; validation requests are all
+   answered, so ``val.jsonl`` is the whole-pool build's. A larger budget extends the folder (answers are reused;
+   the requests left out are counted in the manifest);
 4. rows: a harmful request whose answer complies -> UNSAFE ``harmful``; whose answer is a refusal ->
-   SAFE ``refusal`` (the model's own words); every harmful request also gets a SAFE ``refusal`` row with
-   a project-written refusal (same ``pair_id``). A benign / over-refusal request -> SAFE ``benign`` /
+   SAFE ``refusal`` (the model's own words); every harmful request, answered or not, also gets a SAFE
+   ``refusal`` row with a project-written refusal (same ``pair_id``). A benign / over-refusal request -> SAFE ``benign`` /
    ``overrefusal`` and RETAIN rows with the model's answer (a benign answer the model refused is kept
    in RETAIN only, never taught as SAFE);
 5. texts longer than the token limits are truncated and counted; a seeded ``val_fraction`` of the
-   requests (all rows of a request together) goes to ``val.jsonl``;
+   requests (chosen before any answer; all rows of a request together) goes to ``val.jsonl``;
 6. ``train.jsonl``, ``val.jsonl``, ``decontam.jsonl``, ``config.yaml``, ``run_info.json`` are written
    atomically and ``manifest.json`` LAST: a folder without a manifest is an unfinished build.
 """
@@ -193,71 +195,68 @@ def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, 
     return {_key(t, n): done[_key(t, n)] for t, n in jobs}
 
 
-def _seeded_order(rows: list[dict], seed: int, salt: str) -> list[dict]:
-    return sorted(rows, key=lambda r: sha256_text(f"{seed}|{salt}|{r['id']}"))
+def answer_budgeted(model, tokenizer, data: dict, val_ids: set[str], ckpt: Path, cfg: DataBuildConfig,
+                    progress: bool = True) -> dict[str, str]:
+    """Answers of every validation request and of the training requests ``cfg.rows_needed``'s draws take.
 
-
-def _budget_order(rows: list[dict], seed: int, salt: str, order: str) -> list[dict]:
-    """The order in which a budgeted build answers ``rows``. ``stratified``: each source's rows in their own seeded
-    order, merged so that every prefix holds each source in its share of the pool (within one row): the
-    answered subset then has the pool's mix of sources at any budget. ``random``: one seeded order of all rows."""
-    if order == "random":
-        return _seeded_order(rows, seed, salt)
-    by_source: dict[str, list[dict]] = {}
-    for r in rows:
-        by_source.setdefault(r["source"], []).append(r)
-    keyed = []
-    for source, group in by_source.items():
-        ranked = _seeded_order(group, seed, f"{salt}|{source}")
-        keyed += [((i + 0.5) / len(ranked), sha256_text(f"{seed}|{salt}|{r['id']}"), r) for i, r in enumerate(ranked)]
-    return [r for _, _, r in sorted(keyed, key=lambda k: (k[0], k[1]))]
-
-
-def _split_counts(data: dict, answers: dict[str, str], cfg: DataBuildConfig) -> dict[str, int]:
-    stats = {k: 0 for k in ("empty_answers", "harmful_refused_by_model", "harmful_complied", "benign_refused_by_model")}
-    out = {"safe": 0, "unsafe": 0, "retain": 0}
-    for r in make_rows(data, answers, cfg, stats):
-        out[r["split"]] += 1
-    return out
-
-
-def answer_budgeted(model, tokenizer, data: dict, ckpt: Path, cfg: DataBuildConfig,
-                    progress: bool = True) -> tuple[dict, dict[str, str]]:
-    """Answer requests window by window (seeded order) until ``cfg.rows_needed`` is covered.
-
-    Returns the data restricted to the answered requests (original order kept) and their answers.
-    """
+    For each run and split, the rows every training request could give are put in that run's draw order; walking
+    it, a row that needs an answer its request does not have yet stops the walk, and the next ``window`` such
+    requests are answered together. A walk is done when its first ``draws x (1 + margin)`` rows are settled
+    (rows that turn out not to exist, e.g. the UNSAFE row of a request the model refused, are skipped as the
+    trainer skips them)."""
     import math
 
+    from repbend.training.data import copies, copy_id, draw_order
+
     b, g = cfg.rows_needed, cfg.generation
-    keep = 1.0 - cfg.val_fraction
-    target = {s: math.ceil(getattr(b, s) * (1 + b.margin) / keep) for s in ("safe", "unsafe", "retain")}
-    order = {k: _budget_order(data[k], cfg.seed, f"answer-{k}", b.order) for k in ("harmful", "benign")}
-    n_new = {"harmful": g.max_new_tokens_harmful, "benign": g.max_new_tokens_benign}
-    taken = {"harmful": 0, "benign": 0}
+    n_new = {True: g.max_new_tokens_harmful, False: g.max_new_tokens_benign}
+    requests = [(r, True) for r in data["harmful"]] + [(r, False) for r in data["benign"]]
     answers: dict[str, str] = {}
+
+    def answer(todo: list[tuple[dict, bool]]) -> None:
+        jobs = [(user_text(r), n_new[h]) for r, h in todo]
+        answers.update(generate_answers(model, tokenizer, jobs, ckpt, cfg, progress))
+
+    answer([(r, h) for r, h in requests if r["id"] in val_ids])
+    # (row id, split, kind, request, harmful, needs an answer) of every row a training request can give
+    rows = [(rid, split, kind, r, h, name != "refusal") for r, h in requests if r["id"] not in val_ids
+            for name, (rid, split, kind) in row_ids(r, h, data["refusals"], cfg).items()]
+    walks = []
+    for d in b.draws:
+        for split in ("safe", "unsafe", "retain"):
+            pool = [(copy_id(c[0], k), c) for c in rows if c[1] == split
+                    for k in range(copies(split, c[2], d.repeat_kinds))]
+            need = math.ceil(getattr(d, split) * (1 + b.margin))
+            if need and pool:
+                walks.append((need, [pool[i][1] for i in draw_order([k for k, _ in pool], d.seed, split, 0)]))
+    made: dict[str, set[str]] = {}   # request id -> ids of the rows its answer gave
+
+    def exists(row) -> bool:   # called once the row's request is answered, or for a row that needs no answer
+        rid, _, _, r, h, needs = row
+        if not needs:
+            return True
+        if r["id"] not in made:
+            one = {"harmful": [r] if h else [], "benign": [] if h else [r], "refusals": data["refusals"]}
+            made[r["id"]] = {x["id"] for x in make_rows(one, answers, cfg, _stats())}
+        return rid in made[r["id"]]
+
     window = max(b.window, g.batch_size)
-
-    def used() -> dict:
-        ids = {k: {r["id"] for r in order[k][:taken[k]]} for k in taken}
-        return {**data, "harmful": [r for r in data["harmful"] if r["id"] in ids["harmful"]],
-                "benign": [r for r in data["benign"] if r["id"] in ids["benign"]]}
-
     while True:
-        have = _split_counts(used(), answers, cfg)
-        short = {s for s in target if have[s] < target[s]}
-        more = {"harmful": "unsafe" in short or ("safe" in short and taken["harmful"] < len(order["harmful"])),
-                "benign": "retain" in short or ("safe" in short and taken["harmful"] >= len(order["harmful"]))}
-        more = {k: v and taken[k] < len(order[k]) for k, v in more.items()}
-        if not any(more.values()):
-            break
-        for kind in ("harmful", "benign"):
-            if more[kind]:
-                part = order[kind][taken[kind]:taken[kind] + window]
-                jobs = [(user_text(r), n_new[kind]) for r in part]
-                answers.update(generate_answers(model, tokenizer, jobs, ckpt, cfg, progress))
-                taken[kind] += len(part)
-    return used(), answers
+        todo: dict[str, tuple[dict, bool]] = {}
+        for need, order in walks:
+            have, pending = 0, {}
+            for row in order:
+                if have + len(pending) >= need or len(pending) >= window:
+                    break
+                r, h = row[3], row[4]
+                if row[5] and _key(user_text(r), n_new[h]) not in answers:
+                    pending[r["id"]] = (r, h)
+                elif exists(row):
+                    have += 1
+            todo.update(pending)
+        if not todo:
+            return answers
+        answer(list(todo.values()))
 
 
 def _row(rid: str, split: str, kind: str, req: dict, response: str, pair_id: str | None) -> dict:
@@ -265,35 +264,64 @@ def _row(rid: str, split: str, kind: str, req: dict, response: str, pair_id: str
             "response": response, "source": req["source"], "pair_id": pair_id}
 
 
+def _stats() -> dict:
+    return {k: 0 for k in ("empty_answers", "harmful_refused_by_model", "harmful_complied", "benign_refused_by_model")}
+
+
+def _refusal_pick(request_id: str, refusals: list[dict], seed: int) -> dict:
+    return refusals[int(sha256_text(f"{seed}|{request_id}"), 16) % len(refusals)]
+
+
+def row_ids(req: dict, harmful: bool, refusals: list[dict], cfg: DataBuildConfig) -> dict[str, tuple[str, str, str]]:
+    """``{name: (row id, split, kind)}`` of every row a request can give. A harmful request's ``refusal`` row (a
+    project-written refusal, picked by a hash of seed and id) needs no answer; the others exist depending on it."""
+    rid = req["id"]
+    if harmful:
+        pick = _refusal_pick(rid, refusals, cfg.seed)
+        out = {"refusal": (f"{rid}#refusal:{pick['id']}", "safe", "refusal")}
+        if cfg.keep_model_refusals:
+            out["model_refusal"] = (f"{rid}#model_refusal", "safe", "refusal")
+        return {**out, "harmful": (f"{rid}#harmful", "unsafe", "harmful")}
+    kind = "overrefusal" if req["source"] == "project_overrefusal" else "benign"
+    return {"safe": (f"{rid}#safe", "safe", kind), "retain": (f"{rid}#retain", "retain", kind)}
+
+
 def make_rows(data: dict, answers: dict[str, str], cfg: DataBuildConfig, stats: dict) -> list[dict]:
+    """The rows of every request; a request without an answer (left out by a budgeted build) gives only what needs
+    none: a harmful request's project-written refusal."""
     from repbend.refusals import is_refusal
 
     g, rows = cfg.generation, []
-    refusals = data["refusals"]
     for req in data["harmful"]:
-        ans = answers[_key(user_text(req), g.max_new_tokens_harmful)].strip()
-        pick = refusals[int(sha256_text(f"{cfg.seed}|{req['id']}"), 16) % len(refusals)]
-        rows.append(_row(f"{req['id']}#refusal:{pick['id']}", "safe", "refusal", req, pick["response"], req["id"]))
+        ids = row_ids(req, True, data["refusals"], cfg)
+        rows.append(_row(*ids["refusal"], req, _refusal_pick(req["id"], data["refusals"], cfg.seed)["response"],
+                         req["id"]))
+        ans = answers.get(_key(user_text(req), g.max_new_tokens_harmful))
+        if ans is None:
+            continue
+        ans = ans.strip()
         if not ans:
             stats["empty_answers"] += 1
         elif is_refusal(ans):
             stats["harmful_refused_by_model"] += 1
             if cfg.keep_model_refusals:
-                rows.append(_row(f"{req['id']}#model_refusal", "safe", "refusal", req, ans, req["id"]))
+                rows.append(_row(*ids["model_refusal"], req, ans, req["id"]))
         else:
             stats["harmful_complied"] += 1
-            rows.append(_row(f"{req['id']}#harmful", "unsafe", "harmful", req, ans, req["id"]))
+            rows.append(_row(*ids["harmful"], req, ans, req["id"]))
     for req in data["benign"]:
-        ans = answers[_key(user_text(req), g.max_new_tokens_benign)].strip()
-        kind = "overrefusal" if req["source"] == "project_overrefusal" else "benign"
+        ans = answers.get(_key(user_text(req), g.max_new_tokens_benign))
+        if ans is None:
+            continue
+        ans, ids = ans.strip(), row_ids(req, False, data["refusals"], cfg)
         if not ans:
             stats["empty_answers"] += 1
             continue
         if is_refusal(ans):
             stats["benign_refused_by_model"] += 1
         else:
-            rows.append(_row(f"{req['id']}#safe", "safe", kind, req, ans, None))
-        rows.append(_row(f"{req['id']}#retain", "retain", kind, req, ans, None))
+            rows.append(_row(*ids["safe"], req, ans, None))
+        rows.append(_row(*ids["retain"], req, ans, None))
     return rows
 
 
@@ -315,16 +343,22 @@ def truncate(rows: list[dict], tokenizer, cfg: DataBuildConfig) -> dict:
     return counts
 
 
-def split_val(rows: list[dict], cfg: DataBuildConfig) -> tuple[list[dict], list[dict]]:
-    """Hold out a seeded share of requests (per kind group), keeping all rows of a request together."""
-    def group(r):
-        return r["pair_id"] or r["id"].rsplit("#", 1)[0]
+def val_requests(data: dict, cfg: DataBuildConfig) -> set[str]:
+    """Ids of the requests held out: a seeded ``val_fraction`` of the harmful and of the benign requests, chosen
+    before any answer (a budgeted build holds out the same requests as a whole-pool build)."""
     val: set[str] = set()
     for harmful in (True, False):
-        keys = sorted({group(r) for r in rows if (r["pair_id"] is not None) == harmful})
+        keys = sorted(r["id"] for r in data["harmful" if harmful else "benign"])
         random.Random(f"{cfg.seed}:val:{harmful}").shuffle(keys)
         val.update(keys[:round(len(keys) * cfg.val_fraction)])
-    return [r for r in rows if group(r) not in val], [r for r in rows if group(r) in val]
+    return val
+
+
+def split_val(rows: list[dict], val_ids: set[str]) -> tuple[list[dict], list[dict]]:
+    """(train, val) rows: all rows of a held-out request go to val."""
+    def request(r):
+        return r["pair_id"] or r["id"].rsplit("#", 1)[0]
+    return [r for r in rows if request(r) not in val_ids], [r for r in rows if request(r) in val_ids]
 
 
 def _counts(rows: list[dict]) -> dict:
@@ -392,9 +426,9 @@ def _build_dataset(cfg: DataBuildConfig, out: Path, overwrite: bool, progress: b
     timings["load_model_s"] = round(time.perf_counter() - t, 2)
     g = cfg.generation
     t = time.perf_counter()
-    n_requests = {"harmful": len(data["harmful"]), "benign": len(data["benign"])}
+    val_ids = val_requests(data, cfg)
     if cfg.rows_needed is not None:
-        data, answers = answer_budgeted(model, tokenizer, data, out / CHECKPOINT, cfg, progress)
+        answers = answer_budgeted(model, tokenizer, data, val_ids, out / CHECKPOINT, cfg, progress)
     else:
         jobs = [(user_text(r), g.max_new_tokens_harmful) for r in data["harmful"]]
         jobs += [(user_text(r), g.max_new_tokens_benign) for r in data["benign"]]
@@ -403,16 +437,16 @@ def _build_dataset(cfg: DataBuildConfig, out: Path, overwrite: bool, progress: b
     timings["generate_s_all_sessions"] = round(sum(r.get("seconds", 0) for r in read_jsonl(out / CHECKPOINT)
                                                    if r["key"] in answers), 2)
 
-    stats = {"harmful_requests": len(data["harmful"]), "benign_requests": len(data["benign"]),
-             "harmful_complied": 0, "harmful_refused_by_model": 0, "benign_refused_by_model": 0,
-             "empty_answers": 0,
-             "unanswered_harmful": n_requests["harmful"] - len(data["harmful"]),
-             "unanswered_benign": n_requests["benign"] - len(data["benign"])}
+    unanswered = {k: sum(_key(user_text(r), n) not in answers for r in data[k])
+                  for k, n in (("harmful", g.max_new_tokens_harmful), ("benign", g.max_new_tokens_benign))}
+    stats = {"harmful_requests": len(data["harmful"]) - unanswered["harmful"],
+             "benign_requests": len(data["benign"]) - unanswered["benign"], **_stats(),
+             "unanswered_harmful": unanswered["harmful"], "unanswered_benign": unanswered["benign"]}
     rows = make_rows(data, answers, cfg, stats)
     truncated = truncate(rows, tokenizer, cfg)
     for r in rows:
         check_row(r, f"built row {r['id']}")
-    train, val = split_val(rows, cfg)
+    train, val = split_val(rows, val_ids)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
     write_jsonl(out / "decontam.jsonl", data["dropped"])

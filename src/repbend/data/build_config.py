@@ -50,20 +50,25 @@ class GenerationSettings(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
 
 
-class RowBudget(Section):
-    """Rows the training will draw per split; the build answers only enough requests for them (+ margin)."""
+class Draws(Section):
+    """The rows one training run draws per split: its seed and ``steps x grad_accum x batch size`` (rounded up to
+    whole length-bucketing windows), and its ``data.repeat_kinds``."""
 
-    safe: int = Field(0, ge=0, description="SAFE rows drawn by training (steps x batch size).")
-    unsafe: int = Field(0, ge=0, description="UNSAFE rows drawn by training.")
-    retain: int = Field(0, ge=0, description="RETAIN rows drawn by training.")
-    margin: float = Field(0.25, ge=0, description="Extra share of rows built beyond the draws.")
-    window: int = Field(64, ge=1, description="Requests answered per step of the budget (at least one generation "
-                                              "batch): the budget's granularity.")
-    order: Literal["stratified", "random"] = Field(
-        "stratified", description="Order in which requests are answered: `stratified` keeps every source's share of "
-                                  "the pool in each prefix (the answered subset has the whole pool's mix of sources, "
-                                  "e.g. over-refusal look-alikes among benign requests); `random` is one seeded "
-                                  "shuffle of all requests.")
+    seed: int = Field(0, description="The run's training.seed (its draw order).")
+    safe: int = Field(0, ge=0, description="SAFE rows drawn.")
+    unsafe: int = Field(0, ge=0, description="UNSAFE rows drawn.")
+    retain: int = Field(0, ge=0, description="RETAIN rows drawn.")
+    repeat_kinds: dict[str, int] = Field(default_factory=dict, description="The run's data.repeat_kinds.")
+
+
+class RowBudget(Section):
+    """The draws of the training runs a build serves; the build answers only the requests whose rows they take."""
+
+    draws: list[Draws] = Field(default_factory=list, description="One entry per training run (seed, rows per split).")
+    margin: float = Field(0.1, ge=0, description="Extra share of rows covered beyond the draws (a somewhat longer run "
+                                                 "still draws what a whole-pool build would give it).")
+    window: int = Field(64, ge=1, description="Requests answered at a time (at least one generation batch): the "
+                                              "budget's granularity.")
 
 
 def _spec(source: str, max_rows: int | None = None, **options: Any) -> SourceSpec:
@@ -98,9 +103,9 @@ class DataBuildConfig(Section):
     max_response_tokens: int = Field(256, ge=8, description="Longer responses are truncated (counted in the manifest).")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of requests held out in val.jsonl.")
     rows_needed: RowBudget | None = Field(
-        None, description="Answer requests (in a seeded order, window by window) only until the training split has "
-                          "these rows plus the margin; null = answer every request. `repbend demo` / `compare` set it "
-                          "from the training steps and batch sizes.")
+        None, description="Answer only the training requests whose rows these draws (plus the margin) take, in the "
+                          "trainer's draw order, and every validation request; null = answer every request. "
+                          "`repbend demo` / `compare` set it from their training configs.")
     keep_model_refusals: bool = Field(True, description="Keep the model's own refusals of harmful requests as extra "
                                                         "SAFE rows.")
 

@@ -33,12 +33,12 @@ class PipelineConfig(Section):
     suite_overrides: list[str] = Field([], description="Overrides for the suite.")
     output_dir: UserPath = Field(..., description="Folder holding every stage's output and the final report.")
     data_overrides: list[str] = Field([], description="Overrides for the data build config (e.g. "
-                                                      "rows_needed.order=random or generation.batch_size=16).")
-    build_only_needed: bool = Field(False, description="true: the data build answers only the requests whose rows "
-                                                       "the training steps draw (plus a margin), about 45% of the "
-                                                       "default pool, faster but a weaker model on the default "
-                                                       "(docs/RESULTS.md, 'Training pool'); false: every request "
-                                                       "(what `repbend data build` does).")
+                                                      "rows_needed.margin=0.5 or generation.batch_size=16).")
+    build_only_needed: bool = Field(True, description="true: the data build answers only the validation requests and "
+                                                      "the training requests whose rows the training runs draw (plus "
+                                                      "a margin); the runs draw exactly the rows a whole-pool build "
+                                                      "would give them (docs/DATA.md). false: every request (what "
+                                                      "`repbend data build` does).")
     eval_dtype: str | None = Field(None, description="Model dtype of the evaluations (null = the loader's choice: "
                                                      "bfloat16 on a GPU, float32 on a CPU); see docs/PERFORMANCE.md "
                                                      "for how bf16 answers differ from fp32 ones.")
@@ -129,7 +129,7 @@ def with_heldout_benign(suite, data_dir: Path, val_fraction: float):
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Build the list of stages (validating every config up front, before any model is loaded)."""
     from repbend.data.build import build_dataset
-    from repbend.data.build_config import load_build_config
+    from repbend.data.build_config import RowBudget, load_build_config
     from repbend.evaluation.runner import EvalConfig, evaluate
     from repbend.evaluation.suites import load_suite
     from repbend.training import TrainConfig
@@ -138,7 +138,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     data_dir = out / "data"
     data_cfg = load_build_config(str(resolve_config(cfg.data_config)))
     raw = {**data_cfg.model_dump(mode="json"), "model": cfg.model}
-    if raw.get("rows_needed") is None:   # so that an override like rows_needed.order=random makes the section
+    if raw.get("rows_needed") is None:   # so that an override like rows_needed.margin=0.5 makes the section
         raw.pop("rows_needed", None)
     data_cfg = load_config(type(data_cfg), data=raw, overrides=list(cfg.data_overrides))
     train_cfgs = []
@@ -187,12 +187,9 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
             if cfg.analyze_prompts:
                 stages.append(analyze_stage(out / f"analysis-{method}-s{seed}", run, tcfg.full_finetune))
     if cfg.build_only_needed:
-        need, given = rows_needed(train_cfgs), data_cfg.rows_needed
-        if given is None:
-            data_cfg.rows_needed = need
-        elif not (given.safe or given.unsafe or given.retain):   # only the budget's options given (order, margin,
-            data_cfg.rows_needed = given.model_copy(              # window): the rows come from the training configs
-                update={k: getattr(need, k) for k in ("safe", "unsafe", "retain")})
+        given = data_cfg.rows_needed
+        if given is None or not given.draws:   # only the budget's options given (margin, window): draws from training
+            data_cfg.rows_needed = (given or RowBudget()).model_copy(update={"draws": draws(train_cfgs)})
     dump = data_cfg.model_dump(mode="json")   # the stages' fingerprints see the final data config
     for st in stages:
         for k, v in st.fingerprint.items():
@@ -201,16 +198,15 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     return stages
 
 
-def rows_needed(train_cfgs) -> "RowBudget":
-    """Rows per split the training runs draw: steps x grad_accum x batch size (the largest over the runs)."""
-    from repbend.data.build_config import RowBudget
+def draws(train_cfgs) -> list:
+    """What the training runs draw (one entry per distinct run; :func:`repbend.training.data.draws_of`)."""
+    from repbend.training.data import draws_of
 
-    need = {"safe": 0, "unsafe": 0, "retain": 0}
+    out: list = []
     for t in train_cfgs:
-        steps = t.training.max_steps * t.training.grad_accum
-        for split in need:
-            need[split] = max(need[split], steps * int(t.data.batch_size.get(split, 0)))
-    return RowBudget(**need)
+        if (d := draws_of(t)) not in out:
+            out.append(d)
+    return out
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:

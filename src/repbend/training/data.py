@@ -1,7 +1,10 @@
 """Training data: rows of a built dataset -> encoded pools -> seeded per-step batches of every split.
 
-Each step draws ``batch_size[split]`` rows per process from each split the method needs. Order is an
-epoch-wise permutation seeded by ``(seed, split, epoch)``; process ``r`` of ``W`` takes the r-th slice
+Each step draws ``batch_size[split]`` rows per process from each split the method needs. An epoch's order sorts
+the split's rows by a hash of ``(seed, split, epoch, row id)`` (:func:`draw_order`): a row's place depends on its
+own id only, so any pool that holds the first N rows of the whole pool's order draws exactly those N rows in the same
+order. That is what lets a data build answer only the requests a run will draw (``rows_needed``) and still train
+the run of a whole-pool build. Process ``r`` of ``W`` takes the r-th slice
 of every global draw, so ranks never see the same row in a step. The sampler's whole state is
 ``{split: (epoch, position)}``: saved in checkpoints, it makes ``--resume`` draw exactly the batches an
 uninterrupted run would. ``pair`` rows are not drawn: for unsafe row i the pair is the refusal row with
@@ -46,8 +49,65 @@ def load_rows(data_dir: str | Path, part: str = "train") -> list[dict]:
     return list(ds.train if part == "train" else ds.val)
 
 
+def draw_order(keys: Sequence[str], seed: int, split: str, epoch: int) -> np.ndarray:
+    """Indices of ``keys`` (row ids, unique) in the order a split's epoch draws them: sorted by a hash of
+    ``(seed, split, epoch, key)``, so the order of any subset is the whole pool's order restricted to it."""
+    import hashlib
+
+    rank = [hashlib.blake2b(f"{seed}|{split}|{epoch}|{k}".encode(), digest_size=8).digest() for k in keys]
+    return np.array(sorted(range(len(keys)), key=lambda i: (rank[i], keys[i])), dtype=np.int64)
+
+
+def copies(split: str, kind: str, repeats: dict[str, int]) -> int:
+    """How many times ``data.repeat_kinds`` puts a row of this split and kind in the pool."""
+    return repeats.get(f"{split}/{kind}", repeats.get(kind, 1))
+
+
+def copy_id(row_id: str, copy: int) -> str:
+    """The id of a repeated row's ``copy``-th copy (copy 0 keeps the row's id)."""
+    return row_id if copy == 0 else f"{row_id}~{copy}"
+
+
+def draws_of(cfg, world: int = 1):
+    """The rows a training run (a TrainConfig) draws per split, as a data build's ``rows_needed.draws`` entry: its
+    seed, ``steps x grad_accum x batch size x world`` (rounded up to whole windows with length bucketing, whose
+    windows are sorted as a whole) and its repeat_kinds."""
+    import math
+
+    from repbend.data.build_config import Draws
+
+    steps = cfg.training.max_steps * cfg.training.grad_accum * world
+    rows = {}
+    for split in ("safe", "unsafe", "retain"):
+        bs = int(cfg.data.batch_size.get(split, 0))
+        window = bs * cfg.data.bucket_batches if cfg.data.length_bucketing and bs else 1
+        rows[split] = math.ceil(steps * bs / window) * window
+    return Draws(seed=cfg.training.seed, repeat_kinds=dict(cfg.data.repeat_kinds), **rows)
+
+
+def budget_note(cfg, world: int = 1) -> str | None:
+    """One line when the run's data were built for other draws (``rows_needed``) than this run's: the rows past the
+    budget then differ from those a whole-pool build would give, and a long run may cycle a small pool."""
+    import json
+
+    budget = json.loads((Path(cfg.data.dir) / "manifest.json").read_text(encoding="utf-8")).get("rows_needed")
+    if not budget:
+        return None
+    mine = draws_of(cfg, world)
+    splits = ("safe", "unsafe", "retain")
+    for d in budget.get("draws") or []:
+        if d.get("seed") == mine.seed and (d.get("repeat_kinds") or {}) == mine.repeat_kinds and all(
+                d.get(s, 0) >= getattr(mine, s) for s in splits):
+            return None
+    return (f"repbend: {cfg.data.dir} was built for other draws (rows_needed in its manifest) than this run's (seed "
+            f"{mine.seed}, {', '.join(f'{s} {getattr(mine, s)}' for s in splits)} rows): past the budget it draws other "
+            f"rows than a whole-pool build would; build the data for this run (repbend data build without "
+            f"rows_needed, or a pipeline with these training settings).")
+
+
 def repeat_kinds(rows: Sequence[dict], repeats: dict[str, int]) -> list[dict]:
-    """Every row whose ``kind`` (or ``split/kind``) is in ``repeats`` repeated that many times, in place.
+    """Every row whose ``kind`` (or ``split/kind``) is in ``repeats`` repeated that many times, in place (the copies'
+    ids get ``~1``, ``~2``, ... so that each copy has its own place in the draw order).
 
     A ``split/kind`` key (``retain/overrefusal``) beats a plain ``kind`` key for rows of that split. RepbendError
     when a key matches no row, so a typo does not silently train without oversampling.
@@ -60,7 +120,8 @@ def repeat_kinds(rows: Sequence[dict], repeats: dict[str, int]) -> list[dict]:
         raise RepbendError(f"data.repeat_kinds names kind(s) {missing} that the training data does not have; "
                            f"kinds present: {sorted({kind for kind, _ in keys if kind})} "
                            f"(or split/kind, e.g. retain/overrefusal).")
-    return [r for r, (kind, split_kind) in zip(rows, keys) for _ in range(repeats.get(split_kind, repeats.get(kind, 1)))]
+    return [r if c == 0 else {**r, "id": copy_id(r["id"], c)}
+            for r in rows for c in range(copies(r.get("split"), r.get("kind"), repeats))]
 
 
 def split_rows(rows: Sequence[dict], needed: Sequence[str], paired: bool = False) -> dict[str, list[dict]]:
@@ -93,12 +154,14 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_request_tokens: int, max_re
             for r in tqdm(rows, desc=desc, leave=False, disable=len(rows) < 500)]
 
 
-def encode_pools(tokenizer, rows: Sequence[dict], needed: Sequence[str], data) -> dict[str, list[Encoded]]:
+def encode_pools(tokenizer, rows: Sequence[dict], needed: Sequence[str],
+                 data) -> tuple[dict[str, list[Encoded]], dict[str, list[str]]]:
     """Encoded rows per split the method needs (and ``paired``), with the data section's options (``data`` = a
-    training config's DataSection)."""
-    return {s: encode_rows(tokenizer, r, data.max_request_tokens, data.max_response_tokens, f"encode {s}",
-                           end_of_turn=data.response_end_of_turn or s == "retain")
-            for s, r in split_rows(rows, needed, paired=data.paired_refusals > 0).items()}
+    training config's DataSection), and the rows' ids per split (the draw order's keys)."""
+    by_split = split_rows(rows, needed, paired=data.paired_refusals > 0)
+    return ({s: encode_rows(tokenizer, r, data.max_request_tokens, data.max_response_tokens, f"encode {s}",
+                            end_of_turn=data.response_end_of_turn or s == "retain") for s, r in by_split.items()},
+            {s: [row["id"] for row in r] for s, r in by_split.items()})
 
 
 @dataclass
@@ -111,8 +174,11 @@ class StepSampler:
     """Seeded, resumable, rank-aware sampling of one batch per split per step."""
 
     def __init__(self, pools: dict[str, list[Encoded]], batch_size: dict[str, int], seed: int, rank: int = 0,
-                 world: int = 1, bucketing: bool = False, bucket_batches: int = 16, paired_refusals: int = 0):
+                 world: int = 1, bucketing: bool = False, bucket_batches: int = 16, paired_refusals: int = 0,
+                 ids: dict[str, list[str]] | None = None):
+        """``ids``: each split's row ids (the draw order's keys); row positions when not given (a pool made by hand)."""
         self.pools = pools
+        self.ids = {s: (ids or {}).get(s) or [str(i) for i in range(len(pool))] for s, pool in pools.items()}
         self.drawn = [s for s in pools if s not in ("pair", "paired")]
         self.paired = paired_refusals if "paired" in pools else 0
         self.bs = {s: batch_size.get(s, 4) - (self.paired if s == "safe" else 0) for s in self.drawn}
@@ -124,9 +190,9 @@ class StepSampler:
     def _perm(self, split: str, epoch: int) -> np.ndarray:
         cached = self._perm_cache.get(split)
         if cached is None or cached[0] != epoch:  # keep only the current epoch's permutation per split
-            rng = np.random.default_rng([self.seed, _SPLIT_SALT.get(split, 9), epoch])
-            perm = rng.permutation(len(self.pools[split]))
+            perm = draw_order(self.ids[split], self.seed, split, epoch)
             if self.bucketing:
+                rng = np.random.default_rng([self.seed, _SPLIT_SALT.get(split, 9), epoch])
                 perm = self._bucket(split, perm, rng)
             self._perm_cache[split] = cached = (epoch, perm)
         return cached[1]

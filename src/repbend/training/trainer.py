@@ -28,8 +28,8 @@ from repbend.seeding import seed_everything
 from repbend.training.checkpoint import (TrainState, load_checkpoint, main_rank, only_trainable_hook, prepare_run_dir,
                                         save_checkpoint)
 from repbend.training.config import TrainConfig, checked_method, model_shape, resolve_precision
-from repbend.training.data import (StepSampler, collate_splits, encode_pools, load_rows, repeat_kinds, rows_of,
-                                   split_rows)
+from repbend.training.data import (StepSampler, budget_note, collate_splits, encode_pools, load_rows, repeat_kinds,
+                                   rows_of, split_rows)
 from repbend.training.forward import forward_states, head_fn
 from repbend.training.model_setup import build_models
 from repbend.training.telemetry import Telemetry, layer_stats
@@ -139,12 +139,15 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
                       cpu=not torch.cuda.is_available())
     if tc.precision == "auto" and acc.is_main_process:
         print(f"repbend: training.precision auto -> {precision} on {acc.device.type}", flush=True)
+    note = budget_note(cfg, acc.num_processes)
+    if note and acc.is_main_process:
+        print(note, flush=True)
     seed_everything(tc.seed)
     pair, method = build_models(cfg, method)
     needs = method.needs()
-    pools = encode_pools(pair.tokenizer, rows, list(needs), cfg.data)
+    pools, ids = encode_pools(pair.tokenizer, rows, list(needs), cfg.data)
     sampler = StepSampler(pools, cfg.data.batch_size, tc.seed, acc.process_index, acc.num_processes,
-                          cfg.data.length_bucketing, cfg.data.bucket_batches, cfg.data.paired_refusals)
+                          cfg.data.length_bucketing, cfg.data.bucket_batches, cfg.data.paired_refusals, ids=ids)
     # ---- model, optimizer, scheduler, checkpoint hooks ----
     params = [p for p in pair.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -157,7 +160,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
     sharded = acc.distributed_type == DistributedType.FSDP or (
         acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
     run = Run(acc, model, reference, pair.reference_context(unwrapped), method, pair.tokenizer.pad_token_id, sharded)
-    check_items = StepSampler(pools, cfg.data.batch_size, tc.seed, paired_refusals=cfg.data.paired_refusals).next()
+    check_items = StepSampler(pools, cfg.data.batch_size, tc.seed, paired_refusals=cfg.data.paired_refusals,
+                              ids=ids).next()
     method.check_batch(run.batch(check_items)[2])  # bad data fails here, before the first step
     tele = _telemetry(run_dir, acc.is_main_process)
     ckpt = None
@@ -278,12 +282,12 @@ def _evaluate(run: Run, cfg: TrainConfig, tokenizer, tele: Telemetry, step: int)
     if not rows:
         return
     try:
-        pools = encode_pools(tokenizer, rows, list(run.method.needs()), cfg.data)
+        pools, ids = encode_pools(tokenizer, rows, list(run.method.needs()), cfg.data)
     except RepbendError as e:  # a small val part may lack a split: skip evaluation, keep training
         tqdm.write(f"repbend: skipping evaluation at step {step}: {e}")
         return
     sampler = StepSampler(pools, cfg.data.batch_size, seed=12345, rank=run.acc.process_index, world=run.acc.num_processes,
-                          paired_refusals=cfg.data.paired_refusals)
+                          paired_refusals=cfg.data.paired_refusals, ids=ids)
     sums: dict[str, float] = defaultdict(float)
     for _ in range(cfg.training.eval_batches):
         loss, parts, _ = run.loss(sampler.next(), 1.0)
