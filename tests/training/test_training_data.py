@@ -142,7 +142,7 @@ def test_draws_without_the_new_options_follow_the_documented_order():
 def test_a_pool_holding_the_first_rows_of_the_order_draws_the_same_rows(bucketing):
     """Any subset of a pool that keeps the rows the whole pool's first draws take (whole bucketing windows with
     length bucketing) draws the same rows in the same order: what a budgeted data build relies on."""
-    from repbend.training.data import draw_order
+    from repbend.data.order import draw_order
 
     ids = [f"req{i}#safe" for i in range(200)]
     whole = {"safe": [Encoded([1] * (2 + i % 17), 1, 1 + i % 17) for i in range(200)]}

@@ -9,7 +9,7 @@ Steps (docs/DATA.md):
    finished batch is appended to ``generations.jsonl`` so an interrupted build resumes where it stopped.
    With ``rows_needed`` (set by ``repbend demo`` / ``compare`` from their training configs) only the requests
    whose rows the training runs will draw are answered: every run's draw order is a hash of (training seed,
-   split, row id) (:func:`repbend.training.data.draw_order`), known before any answer, so the build walks each
+   split, row id) (:func:`repbend.data.order.draw_order`), known before any answer, so the build walks each
    run's order over the rows every request could give and answers requests (``rows_needed.window`` at a time)
    until the first ``draws x (1 + margin)`` rows of each split are settled. The trainer then draws from this
    ``train.jsonl`` exactly the rows it would draw from a whole-pool build's; validation requests are all
@@ -37,6 +37,7 @@ import yaml
 from repbend.config import dump_config
 from repbend.data.build_config import DataBuildConfig, SourceSpec
 from repbend.data.dataset import check_row
+from repbend.data.order import copies, copy_id, draw_order
 from repbend.data.decontam import decontaminate, summarise
 from repbend.errors import RepbendError
 from repbend.io import (append_jsonl, atomic_write_json, claim_output, output_lock, package_versions, read_jsonl,
@@ -205,8 +206,6 @@ def answer_budgeted(model, tokenizer, data: dict, val_ids: set[str], ckpt: Path,
     (rows that turn out not to exist, e.g. the UNSAFE row of a request the model refused, are skipped as the
     trainer skips them)."""
     import math
-
-    from repbend.training.data import copies, copy_id, draw_order
 
     b, g = cfg.rows_needed, cfg.generation
     n_new = {True: g.max_new_tokens_harmful, False: g.max_new_tokens_benign}

@@ -1,7 +1,7 @@
 """Training data: rows of a built dataset -> encoded pools -> seeded per-step batches of every split.
 
 Each step draws ``batch_size[split]`` rows per process from each split the method needs. An epoch's order sorts
-the split's rows by a hash of ``(seed, split, epoch, row id)`` (:func:`draw_order`): a row's place depends on its
+the split's rows by a hash of ``(seed, split, epoch, row id)`` (:func:`repbend.data.order.draw_order`): a row's place depends on its
 own id only, so any pool that holds the first N rows of the whole pool's order draws exactly those N rows in the same
 order. That is what lets a data build answer only the requests a run will draw (``rows_needed``) and still train
 the run of a whole-pool build. Process ``r`` of ``W`` takes the r-th slice
@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from repbend.data.chat import Encoded, collate, encode
+from repbend.data.order import copies, copy_id, draw_order
 from repbend.errors import RepbendError
 from repbend.methods.base import SeqBatch
 
@@ -47,25 +48,6 @@ def load_rows(data_dir: str | Path, part: str = "train") -> list[dict]:
 
     ds = load_built(data_dir)
     return list(ds.train if part == "train" else ds.val)
-
-
-def draw_order(keys: Sequence[str], seed: int, split: str, epoch: int) -> np.ndarray:
-    """Indices of ``keys`` (row ids, unique) in the order a split's epoch draws them: sorted by a hash of
-    ``(seed, split, epoch, key)``, so the order of any subset is the whole pool's order restricted to it."""
-    import hashlib
-
-    rank = [hashlib.blake2b(f"{seed}|{split}|{epoch}|{k}".encode(), digest_size=8).digest() for k in keys]
-    return np.array(sorted(range(len(keys)), key=lambda i: (rank[i], keys[i])), dtype=np.int64)
-
-
-def copies(split: str, kind: str, repeats: dict[str, int]) -> int:
-    """How many times ``data.repeat_kinds`` puts a row of this split and kind in the pool."""
-    return repeats.get(f"{split}/{kind}", repeats.get(kind, 1))
-
-
-def copy_id(row_id: str, copy: int) -> str:
-    """The id of a repeated row's ``copy``-th copy (copy 0 keeps the row's id)."""
-    return row_id if copy == 0 else f"{row_id}~{copy}"
 
 
 def draws_of(cfg, world: int = 1):
