@@ -210,6 +210,7 @@ def answer_budgeted(model, tokenizer, data: dict, val_ids: set[str], ckpt: Path,
     b, g = cfg.rows_needed, cfg.generation
     n_new = {True: g.max_new_tokens_harmful, False: g.max_new_tokens_benign}
     requests = [(r, True) for r in data["harmful"]] + [(r, False) for r in data["benign"]]
+    key_of = {r["id"]: _key(user_text(r), n_new[h]) for r, h in requests}   # the answer's key, once per request
     answers: dict[str, str] = {}
 
     def answer(todo: list[tuple[dict, bool]]) -> None:
@@ -248,7 +249,7 @@ def answer_budgeted(model, tokenizer, data: dict, val_ids: set[str], ckpt: Path,
                 if have + len(pending) >= need or len(pending) >= window:
                     break
                 r, h = row[3], row[4]
-                if row[5] and _key(user_text(r), n_new[h]) not in answers:
+                if row[5] and key_of[r["id"]] not in answers:
                     pending[r["id"]] = (r, h)
                 elif exists(row):
                     have += 1
