@@ -82,7 +82,9 @@ def build(args):
     model.train()
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    from repbend.training.trainer import make_optimizer
+
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5, 0.0)   # as the trainer builds it
     return model, tok, method, opt
 
 

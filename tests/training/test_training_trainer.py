@@ -273,3 +273,23 @@ def test_published_batch_options_through_the_trainer(tiny_model_dir, built_dir, 
         assert refusal.input_ids[:refusal.request_len] == unsafe.input_ids[:unsafe.request_len]
         assert all(e.input_ids[-1] != eot for s in ("safe", "unsafe") for e in items[s])
         assert all(e.input_ids[-1] == eot for e in items["retain"])
+
+
+def test_optimizer_is_fused_adamw_on_cpu_with_the_same_updates():
+    """The trainer's AdamW runs PyTorch's fused kernel on CPU and updates like the per-tensor AdamW."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5, 3)]
+    a = [torch.randn(s, requires_grad=True) for s in shapes]
+    b = [x.detach().clone().requires_grad_(True) for x in a]
+    fused = trainer_mod.make_optimizer(a, 1e-2, 0.01)
+    plain = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.01, foreach=False)
+    assert fused.defaults["fused"] is True and fused.defaults["lr"] == 1e-2
+    for _ in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for x, y, g in zip(a, b, grads):
+            x.grad, y.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for x, y in zip(a, b):
+        assert not torch.equal(x, x.new_zeros(x.shape))
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

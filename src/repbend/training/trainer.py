@@ -108,6 +108,18 @@ def _mean_across(acc, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def make_optimizer(params, lr: float, weight_decay: float, acc=None) -> torch.optim.Optimizer:
+    """AdamW with PyTorch's fused kernel where it runs (parameters on CPU or CUDA, not under DeepSpeed, which
+    brings its own): one pass over each tensor instead of a dozen elementwise ops. On the default model's 135M
+    parameters an update takes 0.10 s fused against 0.55 s with the per-tensor loop PyTorch picks on CPU
+    (docs/PERFORMANCE.md); the update is the same formula, rounded in another order (last-bit differences)."""
+    from accelerate.utils import DistributedType
+
+    deepspeed = acc is not None and acc.distributed_type == DistributedType.DEEPSPEED
+    fused = not deepspeed and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train ``cfg`` (optionally resuming from the run folder's last good checkpoint); return the run folder.
 
@@ -150,7 +162,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
                           cfg.data.length_bucketing, cfg.data.bucket_batches, cfg.data.paired_refusals, ids=ids)
     # ---- model, optimizer, scheduler, checkpoint hooks ----
     params = [p for p in pair.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(params, tc.lr, tc.weight_decay, acc)
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps)
     model, optimizer = acc.prepare(pair.model, optimizer)
     reference = pair.reference.to(acc.device) if pair.reference is not None else None
