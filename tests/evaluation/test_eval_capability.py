@@ -193,3 +193,18 @@ def test_mmlu_cloze_method(tiny_model, tiny_tokenizer):
         per_char = total / torch.tensor([len(o) + 1 for o in opts], dtype=torch.float)
         correct += "ABCD"[int(per_char.argmax())] == r["correct_answer"]
     assert res["accuracy"] == correct / 4
+
+
+def test_benign_kl_against_itself_runs_the_model_once(tiny_tokenizer):
+    """The original model has no reference: its perplexity takes one forward pass per batch, equal to a copy's."""
+    import copy
+
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer, seed=0)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    same = benign_kl(model, model, tiny_tokenizer, ROWS, batch_size=8, progress=False)
+    assert len(calls) == 1 and same["kl"] == 0.0
+    other = benign_kl(model, copy.deepcopy(model), tiny_tokenizer, ROWS, batch_size=8, progress=False)
+    assert other["ppl"] == pytest.approx(same["ppl"], rel=1e-6) and other["ppl_reference"] == pytest.approx(same["ppl"])

@@ -302,7 +302,7 @@ def benign_kl(model: Any, reference: Any, tokenizer: Any, rows: list[dict], *, b
     """Mean per-token KL(reference || model) and perplexities on the answers of ``rows``.
 
     ``rows``: ``{"messages": [...], "response": str}``; only answer tokens are scored. ``reference=None``
-    means ``model`` with its (PEFT) adapter disabled.
+    means ``model`` with its (PEFT) adapter disabled; ``reference is model`` runs the model once (KL 0).
     """
     import torch
     from tqdm.auto import tqdm
@@ -322,8 +322,11 @@ def benign_kl(model: Any, reference: Any, tokenizer: Any, rows: list[dict], *, b
         score = b.response_mask[:, 1:].to(device)
         with torch.no_grad():
             lp_m = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-            with _policy_and_reference(model, reference) as ref:
-                lp_r = torch.log_softmax(ref(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+            if reference is model:   # no reference (the original itself): its perplexity only, one pass
+                lp_r = lp_m
+            else:
+                with _policy_and_reference(model, reference) as ref:
+                    lp_r = torch.log_softmax(ref(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
         nxt = ids[:, 1:].unsqueeze(-1)
         kl = (lp_r.exp() * (lp_r - lp_m)).sum(-1)
         kl_sum += kl[score].sum().item()
