@@ -283,3 +283,43 @@ def test_the_default_build_keeps_its_config_hash():
     cfg = load_build_config(str(resolve_config("data-default")))
     cfg = load_config(type(cfg), data={**cfg.model_dump(mode="json"), "model": "default"})
     assert config_hash(cfg) == "e1d6892912d2d7a9"   # generation.batch_size 16 -> 64
+
+
+def test_val_retain_answers_only_the_held_out_requests_an_evaluation_reads(fixture_sources, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    """rows_needed.val_retain=N: of the held-out requests only the benign ones giving the first N val retain rows are
+    answered; those rows equal the whole build's first N, training draws are unchanged, held-out harmful requests keep
+    their project refusal, and a run validating on the partial split (eval_every) is told so."""
+    from repbend.data.build_config import RowBudget
+    from repbend.training.data import budget_note, draws_of
+
+    real, asked = build_mod.generate, []
+
+    def counting(model, tok, convs, **kw):
+        asked.extend(c[0]["content"] for c in convs)
+        return real(model, tok, convs, **kw)
+
+    monkeypatch.setattr(build_mod, "generate", counting)
+    whole = small_config(tiny_model_dir, **{"generation.batch_size": 1, "val_fraction": 0.5})
+    build_dataset(whole, tmp_path / "whole", progress=False)
+    run = _train_cfg(tmp_path / "run", seed=3, steps=2)
+    every = RowBudget(draws=[draws_of(run)], margin=0, window=1)
+    build_dataset(whole.model_copy(update={"rows_needed": every}), tmp_path / "all-val", progress=False)
+    asked.clear()
+    some = every.model_copy(update={"val_retain": 1})
+    build_dataset(whole.model_copy(update={"rows_needed": some}), tmp_path / "run", progress=False)
+    full_val, part_val = load_built(tmp_path / "whole").val, load_built(tmp_path / "run").val
+    retain = lambda rows: [r for r in rows if r["split"] == "retain"]   # noqa: E731
+    assert len(retain(full_val)) >= 2, "the fixture must hold out at least two benign requests"
+    assert retain(part_val) == retain(full_val)[:1]
+    held_harmful = [r for r in part_val if r["kind"] == "refusal"]
+    assert held_harmful and not [r for r in part_val if r["split"] == "unsafe"]
+    assert [r for r in full_val if r["kind"] == "refusal"] == held_harmful
+    n_all = sum(load_built(tmp_path / "all-val").manifest["requests"][k] for k in ("harmful_requests",
+                                                                                   "benign_requests"))
+    n_some = sum(load_built(tmp_path / "run").manifest["requests"][k] for k in ("harmful_requests", "benign_requests"))
+    assert n_some == len(asked) < n_all
+    assert (tmp_path / "run" / "train.jsonl").read_bytes() == (tmp_path / "all-val" / "train.jsonl").read_bytes()
+    assert budget_note(run) is None
+    validating = run.model_copy(update={"training": run.training.model_copy(update={"eval_every": 1})})
+    assert "partial val split" in budget_note(validating)

@@ -218,8 +218,15 @@ def test_demo_builds_only_the_rows_its_training_draws(tmp_path):
     short = stages(["training.max_steps=10"])
     budget = short["build data"].fingerprint["data"]["rows_needed"]
     # 10 steps x 2 rows per split, rounded up to whole length-bucketing windows (16 batches of 2 rows)
+    # val: only the held-out requests of the 16 val retain rows the quick suite's benign KL reads
     assert budget == {"draws": [{"seed": 0, "safe": 32, "unsafe": 32, "retain": 32, "repeat_kinds": {}}],
-                      "margin": 0.1, "window": 64}
+                      "margin": 0.1, "window": 64, "val_retain": 16}
+    validating = stages(["training.max_steps=10", "training.eval_every=5"])   # the validation loss reads all of val
+    assert validating["build data"].fingerprint["data"]["rows_needed"]["val_retain"] is None
+    no_kl = stages(["training.max_steps=10"], suite_overrides=["capability.benign_kl=false"])
+    assert no_kl["build data"].fingerprint["data"]["rows_needed"]["val_retain"] == 0
+    kept = stages(["training.max_steps=10"], data_overrides=["rows_needed.val_retain=null"])   # the user's choice wins
+    assert kept["build data"].fingerprint["data"]["rows_needed"]["val_retain"] is None
     longer = stages(["training.max_steps=30"], seeds=[0, 1])
     assert [d["unsafe"] for d in longer["build data"].fingerprint["data"]["rows_needed"]["draws"]] == [64, 64]
     assert [d["seed"] for d in longer["build data"].fingerprint["data"]["rows_needed"]["draws"]] == [0, 1]

@@ -198,7 +198,8 @@ def generate_answers(model, tokenizer, jobs: list[tuple[str, int]], ckpt: Path, 
 
 def answer_budgeted(model, tokenizer, data: dict, val_ids: set[str], ckpt: Path, cfg: DataBuildConfig,
                     progress: bool = True) -> dict[str, str]:
-    """Answers of every validation request and of the training requests ``cfg.rows_needed``'s draws take.
+    """Answers of the validation requests (all, or those giving the first ``val_retain`` val retain rows) and of the
+    training requests ``cfg.rows_needed``'s draws take.
 
     For each run and split, the rows every training request could give are put in that run's draw order; walking
     it, a row that needs an answer its request does not have yet stops the walk, and the next ``window`` such
@@ -217,7 +218,19 @@ def answer_budgeted(model, tokenizer, data: dict, val_ids: set[str], ckpt: Path,
         jobs = [(user_text(r), n_new[h]) for r, h in todo]
         answers.update(generate_answers(model, tokenizer, jobs, ckpt, cfg, progress))
 
-    answer([(r, h) for r, h in requests if r["id"] in val_ids])
+    held_out = [(r, h) for r, h in requests if r["id"] in val_ids]
+    if b.val_retain is None:
+        answer(held_out)
+    else:   # the first val_retain retain rows: benign held-out requests in data order, until enough non-empty answers
+        benign = [(r, h) for r, h in held_out if not h]
+        i = 0
+        while i < len(benign):
+            have = sum(bool(answers[key_of[r["id"]]].strip()) for r, _ in benign[:i])
+            if have >= b.val_retain:
+                break
+            todo = benign[i:i + b.val_retain - have]
+            answer(todo)
+            i += len(todo)
     # (row id, split, kind, request, harmful, needs an answer) of every row a training request can give
     rows = [(rid, split, kind, r, h, name != "refusal") for r, h in requests if r["id"] not in val_ids
             for name, (rid, split, kind) in row_ids(r, h, data["refusals"], cfg).items()]

@@ -69,6 +69,10 @@ class RowBudget(Section):
                                                  "still draws what a whole-pool build would give it).")
     window: int = Field(64, ge=1, description="Requests answered at a time (at least one generation batch): the "
                                               "budget's granularity.")
+    val_retain: int | None = Field(None, ge=0, description="Validation: null answers every held-out request; N "
+                                   "answers only the held-out benign requests that give the first N val retain rows "
+                                   "(what an evaluation's benign KL reads), in the order a whole build writes them; "
+                                   "held-out harmful requests then keep only their project-written refusal.")
 
 
 def _spec(source: str, max_rows: int | None = None, **options: Any) -> SourceSpec:

@@ -34,7 +34,8 @@ class PipelineConfig(Section):
     output_dir: UserPath = Field(..., description="Folder holding every stage's output and the final report.")
     data_overrides: list[str] = Field([], description="Overrides for the data build config (e.g. "
                                                       "rows_needed.margin=0.5 or generation.batch_size=16).")
-    build_only_needed: bool = Field(True, description="true: the data build answers only the validation requests and "
+    build_only_needed: bool = Field(True, description="true: the data build answers only the validation requests the "
+                                                      "evaluations read (all of them when a run's eval_every is set) and "
                                                       "the training requests whose rows the training runs draw (plus "
                                                       "a margin); the runs draw exactly the rows a whole-pool build "
                                                       "would give them (docs/DATA.md). false: every request (what "
@@ -190,12 +191,28 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         given = data_cfg.rows_needed
         if given is None or not given.draws:   # only the budget's options given (margin, window): draws from training
             data_cfg.rows_needed = (given or RowBudget()).model_copy(update={"draws": draws(train_cfgs)})
+        if "val_retain" not in data_cfg.rows_needed.model_fields_set:   # unless the user set it
+            data_cfg.rows_needed = data_cfg.rows_needed.model_copy(
+                update={"val_retain": val_rows_read(suite, data_dir, train_cfgs)})
     dump = data_cfg.model_dump(mode="json")   # the stages' fingerprints see the final data config
     for st in stages:
         for k, v in st.fingerprint.items():
             if v is data_cfg:
                 st.fingerprint[k] = dump
     return stages
+
+
+def val_rows_read(suite, data_dir: Path, train_cfgs) -> int | None:
+    """How many val retain rows the pipeline reads (the evaluations' benign KL), or None when a training run's
+    validation loss (``eval_every``) reads the whole val split."""
+    from repbend.evaluation.capability import CapabilityConfig
+
+    if any(t.training.eval_every > 0 for t in train_cfgs):
+        return None
+    cap = suite.capability
+    if cap is None or not cap.get("benign_kl", True) or cap.get("benign_data") != str(data_dir):
+        return 0
+    return int(cap.get("benign_n", CapabilityConfig.model_fields["benign_n"].default))
 
 
 def draws(train_cfgs) -> list:

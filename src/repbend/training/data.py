@@ -75,6 +75,10 @@ def budget_note(cfg, world: int = 1) -> str | None:
     budget = json.loads((Path(cfg.data.dir) / "manifest.json").read_text(encoding="utf-8")).get("rows_needed")
     if not budget:
         return None
+    if cfg.training.eval_every > 0 and budget.get("val_retain") is not None:
+        return (f"repbend: {cfg.data.dir} answered only the held-out requests of its first {budget['val_retain']} "
+                f"val retain rows (rows_needed.val_retain), so the validation loss (eval_every) reads a partial val "
+                f"split; build the data with rows_needed.val_retain=null for the whole one.")
     mine = draws_of(cfg, world)
     splits = ("safe", "unsafe", "retain")
     for d in budget.get("draws") or []:
