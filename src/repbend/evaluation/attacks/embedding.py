@@ -134,7 +134,7 @@ def target_losses(model: Any, emb: torch.nn.Module, slots: list[wb.PromptSlots],
     keep = max(len(s.target) for s in slots) + 1
     kw = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None)
     try:
-        logits = model(**kw, logits_to_keep=keep).logits.float()
+        logits = model(**kw, logits_to_keep=wb.last_positions(keep, width, dev)).logits.float()
     except TypeError as e:   # a model class without logits_to_keep: full logits, same result
         if "logits_to_keep" not in str(e):
             raise

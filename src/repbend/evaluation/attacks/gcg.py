@@ -110,7 +110,8 @@ def candidate_losses(model: Any, cache: Any, cands: torch.Tensor, after: torch.T
         n = len(c)
         ids = torch.cat([c, after.expand(n, -1), target.expand(n, -1)], dim=1)
         logits = model(input_ids=ids, cache=expand_cache(cache, n, model.config), use_cache=True,
-                       logits_to_keep=len(target) + 1).logits[:, :-1].float()
+                       logits_to_keep=wb.last_positions(len(target) + 1, ids.shape[1], ids.device)
+                       ).logits[:, :-1].float()
         losses.append(F.cross_entropy(logits.transpose(1, 2), target.expand(n, -1), reduction="none").mean(1))
         match.append((logits.argmax(-1) == target).all(1))
     return torch.cat(losses), torch.cat(match)

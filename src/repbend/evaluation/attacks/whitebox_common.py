@@ -77,6 +77,16 @@ def cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> 
     return DynamicCache(ddp_cache_data=layers, config=config)
 
 
+def last_positions(n: int, length: int, device: Any = None) -> torch.Tensor:
+    """``logits_to_keep`` for the last ``n`` of ``length`` positions as an index tensor, not the int ``n``.
+
+    transformers slices ``hidden[:, -n:]`` for an int: for more than one row that view is not contiguous, and the
+    LM head then runs as a batched product against a broadcast weight (on the default model's 49k vocabulary about
+    60 GFLOP/s on a 2-core CPU, a fifth of a plain product). Indexing copies the rows into one contiguous block; the
+    logits agree to float rounding (4e-5 on logits of magnitude ~10 for 24 rows of GCG candidates)."""
+    return torch.arange(length - n, length, device=device)
+
+
 def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
