@@ -197,3 +197,28 @@ def test_rescoring_saved_completions_reproduces_the_runs_numbers(tiny_model, tin
     assert table == res["asr"]                          # per_variant and best-of-n's "any" aggregate included
     assert {k: v["compliance"] for k, v in safe.items()} == \
         {k: v["compliance"] for k, v in res["over_refusal"]["sets"].items()}
+
+
+def test_generation_group_hands_several_batches_to_each_call(tiny_model, tiny_tokenizer, suite_file, tmp_path,
+                                                             monkeypatch):
+    """generation.group: an attack's requests reach the generator `group` batches at a time (its length batching
+    sees them together); group 1 is one call per batch. The answers are the same."""
+    calls: list[int] = []
+    real = generation.generate
+
+    def recording(model, tok, convs, prefills=None, **kw):
+        calls.append(len(convs))
+        return real(model, tok, convs, prefills, **kw)
+
+    monkeypatch.setattr(generation, "generate", recording)
+    light = ["attacks=[{name: obfuscation, transforms: [rot13, base64]}]", "over_refusal.enabled=false",
+             "capability=null", "generation.batch_size=2"]
+    one = evaluate(_cfg(suite_file, tmp_path / "g1", overrides=light + ["generation.group=1"]), model=tiny_model,
+                   tokenizer=tiny_tokenizer)
+    assert calls == [2, 2, 2]
+    calls.clear()
+    many = evaluate(_cfg(suite_file, tmp_path / "g3", overrides=light + ["generation.group=3"]), model=tiny_model,
+                    tokenizer=tiny_tokenizer)
+    assert calls == [6]
+    rows = lambda d: [json.loads(x)["text"] for x in (d / "completions.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(tmp_path / "g1") == rows(tmp_path / "g3") and one.asr == many.asr

@@ -265,7 +265,7 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
     store = Store(out / "cache.jsonl")
     gen = suite.generation
     target = ModelTarget(model, tokenizer, store, batch_size=gen.batch_size, fingerprint=ident["fingerprint"],
-                         settings=gen.settings(), progress=cfg.progress)
+                         settings=gen.settings(), progress=cfg.progress, group=gen.group)
     t0 = time.perf_counter()
     asr, rows, attack_meta = run_attacks(suite, benchmarks, target, store, judge)
     timings["attacks"] = round(time.perf_counter() - t0, 2)
