@@ -22,6 +22,8 @@ texts), and the arithmetic bound:
            [--batch 16] [--max-new-tokens 48] [--limit 0] [--build 0] [--json out.json]
 
 ``--model`` takes an alias, a folder or a ``.gguf`` file (loaded with transformers in fp32).
+``--decode-rows 8,16,64`` times one decode step alone at those batch sizes (dynamic vs static KV cache).
+``--engines hf@64,hf:pool@64`` compares one call per attack with one call for the whole workload.
 ``--dtypes float32,bfloat16`` adds a bf16 copy of the model run with the first engine (agreement vs fp32).
 """
 from __future__ import annotations
@@ -159,13 +161,49 @@ def matmul_rate(m: int, k: int, n: int, seconds: float = 1.0) -> float:
     return 2.0 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
 
+def decode_steps(spec: str, rows: list[int], prompt: int = 60, steps: int = 20) -> None:
+    """Milliseconds per decode step (the model's own forward over a DynamicCache and over a StaticCache, greedy,
+    random prompt ids) at each batch size, with the new tokens/s they amount to."""
+    import torch
+    from transformers import DynamicCache, StaticCache
+
+    model, _ = load("default" if spec == "default" else spec, "float32")
+    model.eval()
+    print(f"decode step, {spec}, fp32, {torch.get_num_threads()} threads, {prompt}-token prompts, {steps} steps; "
+          f"load avg {os.getloadavg()[0]:.2f}")
+    print(f"{'rows':>5s} {'dynamic ms':>10s} {'tok/s':>7s} {'static ms':>10s} {'tok/s':>7s}")
+    g = torch.Generator().manual_seed(0)
+    for b in rows:
+        ids = torch.randint(100, 40000, (b, prompt), generator=g)
+        res = []
+        for kind in ("dynamic", "static"):
+            with torch.inference_mode():
+                cache = (DynamicCache(config=model.config) if kind == "dynamic"
+                         else StaticCache(config=model.config, max_cache_len=prompt + steps + 1))
+                pos = torch.arange(prompt)[None].expand(b, prompt)
+                mask = torch.ones_like(ids)
+                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                            logits_to_keep=1)
+                p = pos[:, -1:]
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    mask = torch.cat([mask, mask.new_ones((b, 1))], -1)
+                    p = p + 1
+                    out = model(input_ids=out.logits[:, -1].argmax(-1)[:, None], attention_mask=mask, position_ids=p,
+                                cache=cache, use_cache=True, logits_to_keep=1)
+                res.append((time.perf_counter() - t0) / steps)
+        print(f"{b:5d} {res[0] * 1e3:10.1f} {b / res[0]:7.1f} {res[1] * 1e3:10.1f} {b / res[1]:7.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--engines", default="hf,loop", help="generation engines, the first is the agreement reference; "
                                                          "engine@N runs that engine with batch size N, "
                                                          "engine:fixed@N cuts prompts into consecutive N-row "
-                                                         "chunks instead of length_batches")
+                                                         "chunks instead of length_batches, engine:pool@N answers "
+                                                         "every workload in ONE target call (as an evaluation's "
+                                                         "prefetch does) instead of one call per attack")
     ap.add_argument("--dtypes", default="float32", help="float32[,bfloat16]: extra dtypes run with the first engine")
     ap.add_argument("--suite", default="quick")
     ap.add_argument("--batch", type=int, default=16)
@@ -175,7 +213,11 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated workload labels to keep (e.g. direct,templates)")
     ap.add_argument("--build", type=int, default=0, help="also N harmful + N benign data-build requests")
     ap.add_argument("--json", default="")
+    ap.add_argument("--decode-rows", default="", help="instead: time one decode step (ms) at these batch sizes, "
+                                                      "e.g. 8,16,32,64,128,256 (60-token prompts, 20 steps)")
     args = ap.parse_args()
+    if args.decode_rows:
+        return decode_steps(args.model, [int(x) for x in args.decode_rows.split(",")])
 
     import torch
 
@@ -204,8 +246,14 @@ def main() -> None:
         name, _, how = name.partition(":")   # engine:fixed: consecutive batch_size chunks instead of length_batches
         targets[(e, dt)] = ModelTarget(
             m, t, Store(tmp / f"{e}-{dt}.jsonl"), batch_size=int(bs or args.batch), fingerprint=f"{e}-{dt}",
-            progress=False, group=args.group,
+            progress=False, group=10 ** 6 if how == "pool" else args.group,
             generate_fn=lambda *a, _e=name, _f=how == "fixed", **kw: _generate(_e, _f, *a, **kw))
+    pooled = {v for v in variants if v[0].partition("@")[0].partition(":")[2] == "pool"}
+    if pooled:
+        from repbend.evaluation.target import with_settings
+        every = [with_settings(c, s) for _, convs, s in work for c in convs]
+    for v in pooled:    # one call for all workloads; the per-label calls below are then answered from the store
+        targets[v].generate(every)
     answers: dict = {v: [] for v in variants}
     prompt_tokens = 0
     per_label: dict = {}
