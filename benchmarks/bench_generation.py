@@ -167,7 +167,7 @@ def decode_steps(spec: str, rows: list[int], prompt: int = 60, steps: int = 20) 
     import torch
     from transformers import DynamicCache, StaticCache
 
-    model, _ = load("default" if spec == "default" else spec, "float32")
+    model, _ = load(spec, "float32")
     model.eval()
     print(f"decode step, {spec}, fp32, {torch.get_num_threads()} threads, {prompt}-token prompts, {steps} steps; "
           f"load avg {os.getloadavg()[0]:.2f}")

@@ -223,14 +223,12 @@ def answer_budgeted(model, tokenizer, data: dict, val_ids: set[str], ckpt: Path,
         answer(held_out)
     else:   # the first val_retain retain rows: benign held-out requests in data order, until enough non-empty answers
         benign = [(r, h) for r, h in held_out if not h]
-        i = 0
-        while i < len(benign):
-            have = sum(bool(answers[key_of[r["id"]]].strip()) for r, _ in benign[:i])
-            if have >= b.val_retain:
-                break
+        i = have = 0
+        while i < len(benign) and have < b.val_retain:
             todo = benign[i:i + b.val_retain - have]
             answer(todo)
             i += len(todo)
+            have += sum(bool(answers[key_of[r["id"]]].strip()) for r, _ in todo)
     # (row id, split, kind, request, harmful, needs an answer) of every row a training request can give
     rows = [(rid, split, kind, r, h, name != "refusal") for r, h in requests if r["id"] not in val_ids
             for name, (rid, split, kind) in row_ids(r, h, data["refusals"], cfg).items()]
