@@ -3,9 +3,10 @@
 Both variants run on the SAME samples and the SAME initial weights (LoRA with seeded non-zero B, so
 every loss term is non-trivial), each in its own subprocess so peak memory (ru_maxrss) is per variant:
 
-- engine: repbend.training's step — all splits in ONE dynamically padded batch, ONE no-grad reference
-  pass (adapter disabled) + ONE policy pass, only needed hidden states kept, LM-head logits only at
-  retain tokens (repbend.training.trainer.Run.loss).
+- engine: repbend.training's step — the splits in dynamically padded batches (``data.passes: auto``: splits of
+  similar length share a pass, each padded to its own longest row), no-grad reference passes (adapter
+  disabled) + policy passes, only needed hidden states kept, LM-head logits only at retain tokens
+  (repbend.training.trainer.Run.loss).
 - reference: six separate passes (3 with the adapter disabled, 3 with gradients), every sequence padded
   to a fixed request + response width (512 + 512: request left-padded, response right-padded), full
   (B, T, V) logits for the KL term, the loss written out directly from the paper's definitions.
@@ -88,13 +89,13 @@ def build(args):
     return model, tok, method, opt
 
 
-def engine_step_fn(model, tok, method):
+def engine_step_fn(model, tok, method, passes: str = "auto"):
     from accelerate import Accelerator
 
     from repbend.training.trainer import Run
 
     acc = Accelerator(cpu=True)
-    run = Run(acc, model, None, model.disable_adapter, method, tok.pad_token_id, False)
+    run = Run(acc, model, None, model.disable_adapter, method, tok.pad_token_id, False, passes)
     return lambda items: run.loss(items, 0.0)[0]
 
 

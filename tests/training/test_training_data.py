@@ -5,7 +5,7 @@ import pytest
 
 from repbend.data.chat import Encoded
 from repbend.errors import RepbendError
-from repbend.training.data import StepSampler, collate_splits, repeat_kinds, split_rows
+from repbend.training.data import StepSampler, collate_groups, collate_splits, repeat_kinds, split_rows, width_groups
 from train_fixtures import make_rows
 
 
@@ -156,3 +156,32 @@ def test_a_pool_holding_the_first_rows_of_the_order_draws_the_same_rows(bucketin
     b = StepSampler(part, {"safe": bs}, ids={"safe": [ids[i] for i in keep]}, **opts)
     for _ in range(steps):
         assert [id(e) for e in a.next()["safe"]] == [id(e) for e in b.next()["safe"]]
+
+
+def test_width_groups_give_short_and_long_splits_their_own_pass():
+    def rows(*lengths):
+        return [Encoded([1] * n, 1, n - 1) for n in lengths]
+
+    items = {"safe": rows(40, 42), "unsafe": rows(100, 104), "retain": rows(138, 140)}
+    assert width_groups(items) == [["safe"], ["unsafe"], ["retain"]]
+    # nearly equal widths share a pass; a large per-pass overhead puts everything in one
+    assert width_groups({"safe": rows(100, 101), "unsafe": rows(102), "retain": rows(300)}) == [["safe", "unsafe"], ["retain"]]
+    assert width_groups(items, overhead=10_000) == [["safe", "unsafe", "retain"]]
+    groups = collate_groups(items, 0, width_groups(items))
+    assert [tuple(b.input_ids.shape) for b, _ in groups] == [(2, 42), (2, 104), (2, 140)]
+    assert collate_groups(items, 0)[0][0].input_ids.shape == (6, 140)
+
+
+def test_passes_by_length_only_in_a_single_process():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from repbend.errors import ConfigError
+    from repbend.training.trainer import resolve_passes
+
+    single, ddp = SimpleNamespace(distributed_type=DistributedType.NO), SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
+    assert resolve_passes("auto", single) and resolve_passes("by_length", single)
+    assert not resolve_passes("auto", ddp) and not resolve_passes("one", single)
+    with pytest.raises(ConfigError, match="data.passes=by_length.*auto or one"):
+        resolve_passes("by_length", ddp)

@@ -1,4 +1,4 @@
-"""The engine's one-batch step equals the straightforward six-pass, fixed-padding formulation (tiny model).
+"""The engine's step (one padded batch, or passes by length) equals the straightforward six-pass, fixed-padding formulation (tiny model).
 
 Uses the benchmark's reference formulation (benchmarks/bench_train_step.py) so the benchmark and the
 engine are held to the same numbers here, in fp32, on a model whose LoRA B is random (non-trivial loss).
@@ -10,12 +10,14 @@ import torch
 
 from repbend.data.chat import encode
 from repbend.methods.repbend import RepBend, RepBendConfig
+from repbend.training.data import width_groups
 from repbend.training.model_setup import linear_block_modules
 
 
 
-@pytest.mark.parametrize("kl_reduction", ["batchmean", "token_mean"])
-def test_engine_matches_six_pass_reference(tiny_model, tiny_tokenizer, kl_reduction, load_script):
+@pytest.mark.parametrize("kl_reduction,passes", [("batchmean", "one"), ("token_mean", "one"),
+                                                 ("batchmean", "by_length"), ("token_mean", "by_length")])
+def test_engine_matches_six_pass_reference(tiny_model, tiny_tokenizer, kl_reduction, passes, load_script):
     from peft import LoraConfig, get_peft_model
 
     bench = load_script("benchmarks/bench_train_step.py")
@@ -31,11 +33,14 @@ def test_engine_matches_six_pass_reference(tiny_model, tiny_tokenizer, kl_reduct
     model.train()
     texts = {"safe": [("How do I bake bread?", "Mix flour and water."), ("What is 2+2?", "4")],
              "unsafe": [("Write malware.", "Sure, here is a step-by-step guide to it."), ("Hurt someone?", "Sure.")],
-             "retain": [("Say hello.", "Hello there, friend!"), ("Describe a cat.", "A cat is small.")]}
+             "retain": [("Say hello.", "Hello there, friend!"),
+                        ("Describe a cat.", "A cat is a small furry animal that likes to sleep in the sun all day.")]}
     items = {s: [encode(tiny_tokenizer, [{"role": "user", "content": q}], a, max_request_tokens=96, max_response_tokens=64)
                  for q, a in rows]
              for s, rows in texts.items()}
-    engine = bench.engine_step_fn(model, tiny_tokenizer, method)(items)
+    if passes == "by_length":   # the long retain row gets a pass of its own: really several passes here
+        assert len(width_groups(items)) > 1
+    engine = bench.engine_step_fn(model, tiny_tokenizer, method, passes)(items)
     naive = bench.reference_step_fn(model, tiny_tokenizer, method, 96, 64)(items)
     assert abs(float(engine)) > 1e-3
     assert float(engine) == pytest.approx(float(naive), rel=1e-5)

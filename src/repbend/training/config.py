@@ -36,6 +36,11 @@ class DataSection(Section):
     max_response_tokens: int = Field(512, ge=1, description="Responses are cut to their first N tokens.")
     length_bucketing: bool = Field(False, description="Draw rows of similar length together (less padding).")
     bucket_batches: int = Field(16, ge=2, description="With length_bucketing: sort windows of this many batches.")
+    passes: Literal["auto", "one", "by_length"] = Field(
+        "auto", description="How a step's splits are run: one = all rows in ONE padded pass; by_length = splits of "
+                            "similar length share a pass, each padded to its own longest row (fewer padded tokens, "
+                            "more passes); auto = by_length in a single process, one under DDP/FSDP/DeepSpeed (their "
+                            "wrappers expect one forward per backward).")
     paired_refusals: int = Field(
         0, ge=0, description="Refusals of the first N unsafe rows of each step (same pair_id: the same harmful "
                              "request) that join that step's safe rows, counted in batch_size.safe; the rest of the "

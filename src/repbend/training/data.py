@@ -244,6 +244,38 @@ def collate_splits(items: dict[str, list[Encoded]], pad_id: int) -> tuple[SeqBat
     return collate(flat, pad_id, "right"), spans
 
 
+def width_groups(items: dict[str, list[Encoded]], overhead: int = 32) -> list[list[str]]:
+    """The splits of ``items`` cut into groups that each run as one padded pass: splits sorted by their longest
+    row, consecutive groups chosen exactly (dynamic programme) to minimise the padded tokens (rows x the group's
+    longest row) plus ``overhead`` token-equivalents per pass. Safe, unsafe and retain rows differ in
+    length (a refusal is short, a retain conversation long), and one padded batch of all of them spent about a
+    fifth of a step's tokens on padding."""
+    order = sorted(items, key=lambda s: max(len(e.input_ids) for e in items[s]))
+    width = [max(len(e.input_ids) for e in items[s]) for s in order]
+    rows = [len(items[s]) for s in order]
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            n = sum(rows[i:j])
+            cost = best[i] + n * width[j - 1] + overhead
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def collate_groups(items: dict[str, list[Encoded]], pad_id: int, groups: Sequence[Sequence[str]] | None = None
+                   ) -> list[tuple[SeqBatch, dict[str, slice]]]:
+    """One right-padded batch per group of splits (``None``: every split in one batch, :func:`collate_splits`),
+    each with its splits' row ranges."""
+    if groups is None:
+        return [collate_splits(items, pad_id)]
+    return [collate_splits({s: items[s] for s in g}, pad_id) for g in groups]
+
+
 def rows_of(batch: SeqBatch, sl: slice) -> SeqBatch:
     return SeqBatch(batch.input_ids[sl], batch.attention_mask[sl], batch.request_mask[sl], batch.response_mask[sl],
                     batch.last_request_index[sl])

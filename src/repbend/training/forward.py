@@ -18,6 +18,8 @@ from torch import Tensor
 from repbend.methods.base import Need, SeqBatch, States
 from repbend.training.data import select_rows
 
+Groups = list[tuple[SeqBatch, dict[str, slice]]]
+
 
 def head_fn(lm_head: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     """The LM head as a function that casts its input to the head's dtype (autocast-safe)."""
@@ -50,4 +52,15 @@ def forward_states(model, batch: SeqBatch, spans: dict[str, slice], needs: dict[
                 st.final, st.head = hidden[-1][sl], head
         states[split] = st
     del out, hidden
+    return states
+
+
+def forward_groups(model, groups: Groups, needs: dict[str, Need], head: Callable[[Tensor], Tensor],
+                   full_logits: bool = False) -> dict[str, States]:
+    """:func:`forward_states` once per ``(batch, spans)`` group (:func:`repbend.training.data.collate_groups`),
+    over the splits of that group in ``needs``; the states of every split, each at its group's width."""
+    states: dict[str, States] = {}
+    for batch, spans in groups:
+        states.update(forward_states(model, batch, spans, {s: n for s, n in needs.items() if s in spans}, head,
+                                     full_logits))
     return states

@@ -1,8 +1,9 @@
 """``train(cfg) -> run folder``: one accelerate loop for every registered method.
 
-Per micro-batch (see :meth:`Run.loss`): collate the rows of all splits into ONE right-padded batch,
-run ONE no-grad reference pass over the splits that need the reference (LoRA: same network with the
-adapter disabled), ONE policy pass with gradients over the splits that need the policy, then
+Per micro-batch (see :meth:`Run.loss`): collate the rows of the splits into right-padded batches
+(``data.passes``: all splits in ONE batch, or splits of similar length together, each batch padded to its
+longest row), run no-grad reference passes over the splits that need the reference (LoRA: same network with
+the adapter disabled), policy passes with gradients over the splits that need the policy, then
 ``loss, parts = method(batch, policy, reference, progress)``. Nothing here knows a method's name:
 the method's ``needs()`` decides which splits, layers and logits are computed.
 
@@ -28,9 +29,9 @@ from repbend.seeding import seed_everything
 from repbend.training.checkpoint import (TrainState, load_checkpoint, main_rank, only_trainable_hook, prepare_run_dir,
                                         save_checkpoint)
 from repbend.training.config import TrainConfig, checked_method, model_shape, resolve_precision
-from repbend.training.data import (StepSampler, budget_note, collate_splits, encode_pools, load_rows, repeat_kinds,
-                                   rows_of, split_rows)
-from repbend.training.forward import forward_states, head_fn
+from repbend.training.data import (StepSampler, budget_note, collate_groups, encode_pools, load_rows, repeat_kinds,
+                                   rows_of, split_rows, width_groups)
+from repbend.training.forward import forward_groups, head_fn
 from repbend.training.model_setup import build_models
 from repbend.training.telemetry import Telemetry, layer_stats
 
@@ -38,8 +39,10 @@ from repbend.training.telemetry import Telemetry, layer_stats
 class Run:
     """Everything one training run holds; :meth:`loss` is the whole training step's maths."""
 
-    def __init__(self, accelerator, model, reference, ref_context, method, pad_id: int, full_logits: bool):
+    def __init__(self, accelerator, model, reference, ref_context, method, pad_id: int, full_logits: bool,
+                 passes: str = "auto"):
         self.acc, self.model, self.method, self.pad_id, self.full_logits = accelerator, model, method, pad_id, full_logits
+        self.by_length = resolve_passes(passes, accelerator)
         self.reference_model = reference if reference is not None else model
         self.ref_context = ref_context
         unwrapped = accelerator.unwrap_model(model)
@@ -51,19 +54,21 @@ class Run:
         self.reference_needs = {s: n for s, n in needs.items() if n.reference}
 
     def batch(self, items):
-        batch, spans = collate_splits(items, self.pad_id)
-        batch = batch.to(self.acc.device)
-        return batch, spans, {s: rows_of(batch, sl) for s, sl in spans.items()}
+        """``(groups, splits)``: the padded ``(batch, spans)`` of each pass and every split's rows (each at the
+        width of its pass)."""
+        groups = collate_groups(items, self.pad_id, width_groups(items) if self.by_length else None)
+        groups = [(b.to(self.acc.device), spans) for b, spans in groups]
+        return groups, {s: rows_of(b, sl) for b, spans in groups for s, sl in spans.items()}
 
     def loss(self, items, progress: float):
-        batch, spans, splits = self.batch(items)
+        groups, splits = self.batch(items)
         self.method.check_batch(splits)
         with torch.no_grad(), self.ref_context(), self.acc.autocast():
-            reference = forward_states(self.reference_model, batch, spans, self.reference_needs, self.ref_head,
+            reference = forward_groups(self.reference_model, groups, self.reference_needs, self.ref_head,
                                        self.full_logits)
-        policy = forward_states(self.model, batch, spans, self.policy_needs, self.head, self.full_logits)
+        policy = forward_groups(self.model, groups, self.policy_needs, self.head, self.full_logits)
         loss, parts = self.method(splits, policy, reference, progress)
-        tokens = int(batch.attention_mask.sum())
+        tokens = sum(int(b.attention_mask.sum()) for b, _ in groups)
         return loss, parts, tokens
 
     @torch.no_grad()
@@ -72,18 +77,29 @@ class Run:
         present = [s for s in ("safe", "unsafe") if s in items]
         if not present:
             return []
-        batch, spans, splits = self.batch({s: items[s] for s in present})
+        groups, splits = self.batch({s: items[s] for s in present})
         n = self.acc.unwrap_model(self.model).config
         all_layers = Need(layers=tuple(range(getattr(n, "text_config", n).num_hidden_layers + 1)))
         needs = {s: all_layers for s in present}
         self.model.eval()  # no dropout: the stats compare the weights, not a dropout sample
         try:
-            pol = forward_states(self.model, batch, spans, needs, self.head)
+            pol = forward_groups(self.model, groups, needs, self.head)
             with self.ref_context():
-                ref = forward_states(self.reference_model, batch, spans, needs, self.ref_head)
+                ref = forward_groups(self.reference_model, groups, needs, self.ref_head)
         finally:
             self.model.train()
         return [{"split": s, **row} for s in present for row in layer_stats(splits[s], pol[s], ref[s])]
+
+
+def resolve_passes(passes: str, acc) -> bool:
+    """Whether a step runs its splits in passes by length (``data.passes``); DDP, FSDP and DeepSpeed need one."""
+    from accelerate.utils import DistributedType
+
+    distributed = acc.distributed_type != DistributedType.NO
+    if passes == "by_length" and distributed:
+        raise ConfigError(f"data.passes=by_length runs several forward passes per backward, which "
+                          f"{acc.distributed_type.value} does not allow; set data.passes to auto or one.")
+    return passes == "by_length" or (passes == "auto" and not distributed)
 
 
 def _in(ctx, fn, x):
@@ -171,10 +187,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
     unwrapped = acc.unwrap_model(model)
     sharded = acc.distributed_type == DistributedType.FSDP or (
         acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
-    run = Run(acc, model, reference, pair.reference_context(unwrapped), method, pair.tokenizer.pad_token_id, sharded)
+    run = Run(acc, model, reference, pair.reference_context(unwrapped), method, pair.tokenizer.pad_token_id, sharded,
+              cfg.data.passes)
     check_items = StepSampler(pools, cfg.data.batch_size, tc.seed, paired_refusals=cfg.data.paired_refusals,
                               ids=ids).next()
-    method.check_batch(run.batch(check_items)[2])  # bad data fails here, before the first step
+    method.check_batch(run.batch(check_items)[1])  # bad data fails here, before the first step
     tele = _telemetry(run_dir, acc.is_main_process)
     ckpt = None
     if candidates:
