@@ -98,6 +98,9 @@ def test_empty_new_training_options_keep_old_fingerprints(tmp_path):
     oversampled = train_stage(["data.repeat_kinds={overrefusal: 3}"])
     assert oversampled.fingerprint["train"]["data"]["repeat_kinds"] == {"overrefusal": 3}
     assert oversampled.key != plain.key
+    # how a step is computed (data.passes) never retrains a finished run
+    assert "passes" not in plain.fingerprint["train"]["data"]
+    assert train_stage(["data.passes=one"]).key == plain.key
 
 
 def test_full_finetune_evals_measure_kl_against_the_base(tmp_path):

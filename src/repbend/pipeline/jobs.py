@@ -72,14 +72,19 @@ class PipelineConfig(Section):
 # Training options added after a release whose empty value trains exactly as before the option existed: left out
 # of a train stage's fingerprint while empty, so finished runs of older versions are not retrained.
 _NEUTRAL_WHEN_EMPTY = (("data", "repeat_kinds"),)
+# How a step is computed, not what is trained (the same loss; rounding may differ like another thread count):
+# never part of a fingerprint.
+_EXECUTION_ONLY = (("data", "passes"),)
 
 
 def train_fingerprint(tcfg) -> dict:
-    """A training config's dump for stage fingerprints (see ``_NEUTRAL_WHEN_EMPTY``)."""
+    """A training config's dump for stage fingerprints (see ``_NEUTRAL_WHEN_EMPTY``, ``_EXECUTION_ONLY``)."""
     dump = tcfg.model_dump(mode="json")
     for section, key in _NEUTRAL_WHEN_EMPTY:
         if not dump[section][key]:
             del dump[section][key]
+    for section, key in _EXECUTION_ONLY:
+        dump[section].pop(key, None)
     return dump
 
 
