@@ -105,6 +105,46 @@ def test_own_engines_match_model_generate(tiny_model, tiny_tokenizer, batch_size
         generate(tiny_model, tiny_tokenizer, CONVS, engine="vroom", progress=False)
 
 
+@pytest.mark.parametrize("chunk", [1, 40, 100_000])
+def test_loop_prefill_in_row_chunks_into_preallocated_cache_matches_model_generate(tiny_model, tiny_tokenizer,
+                                                                                   monkeypatch, chunk):
+    """Prefill passes of a few rows each (PREFILL_CHUNK_TOKENS), keys/values copied into buffers that decode steps
+    write in place: the same answers as ``model.generate`` (greedy and sampled), rows ending early included."""
+    import repbend.models.generation as g
+
+    monkeypatch.setattr(g, "PREFILL_CHUNK_TOKENS", chunk)
+    seen = []
+    real = g._prefill
+    monkeypatch.setattr(g, "_prefill", lambda *a: seen.append(real(*a)) or seen[-1])
+    convs = CONVS * 3
+    for kw in (dict(max_new_tokens=10), dict(max_new_tokens=7, do_sample=True, temperature=1.3, num_samples=2, seed=5)):
+        assert generate(tiny_model, tiny_tokenizer, convs, batch_size=12, progress=False, engine="loop", **kw) == \
+            generate(tiny_model, tiny_tokenizer, convs, batch_size=12, progress=False, engine="hf", **kw)
+    _, BufferLayer = g._dynamic_layer()
+    assert seen and all(type(layer) is BufferLayer for _, cache in seen for layer in cache.layers)
+
+
+def test_buffer_layer_writes_in_place_and_grows_past_its_room():
+    import repbend.models.generation as g
+
+    _, BufferLayer = g._dynamic_layer()
+    k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    buf_k, buf_v = torch.zeros(2, 3, 6, 4), torch.zeros(2, 3, 6, 4)
+    buf_k[:, :, :5], buf_v[:, :, :5] = k, v
+    layer = BufferLayer(buf_k, buf_v, 5)
+    assert layer.get_seq_length() == 5
+    k1, v1 = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    keys, values = layer.update(k1, v1)
+    assert keys.data_ptr() == buf_k.data_ptr()          # written into the buffer, no copy of the cache
+    torch.testing.assert_close(keys, torch.cat([k, k1], -2))
+    k2, v2 = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4)     # past the planned room: the buffers grow
+    keys, values = layer.update(k2, v2)
+    torch.testing.assert_close(values, torch.cat([v, v1, v2], -2))
+    layer.batch_select_indices(torch.tensor([1]))
+    torch.testing.assert_close(layer.keys, torch.cat([k, k1, k2], -2)[1:])
+    assert layer.get_seq_length() == 9
+
+
 def test_engine_from_environment(tiny_model, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("REPBEND_GENERATION_ENGINE", "vroom")
     with pytest.raises(RepbendError, match="REPBEND_GENERATION_ENGINE"):

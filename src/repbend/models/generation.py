@@ -7,23 +7,26 @@ plain transformers models and PEFT models.
 
 Engines (``engine=``):
 
-* ``"loop"``: one prefill pass, then one decode pass per new token over a transformers
-  ``DynamicCache``, feeding exactly the inputs ``model.generate`` feeds (2-D mask, position ids from
-  the mask, last-position logits only). A row that has ended is dropped from the batch and its cache
-  rows are released, so the remaining rows stop paying for it, and there is no per-step
-  logits-processor / stopping-criteria machinery. Greedy answers equal ``"hf"``'s up to floating point
-  (a smaller batch may round differently and flip a near-tie; ``benchmarks/bench_generation.py``
-  measures the agreement).
+* ``"loop"`` (default): the prompt pass in passes of at most :data:`PREFILL_CHUNK_TOKENS` padded tokens, its
+  keys/values copied into buffers with room for the answer (:func:`_prefill`), then one decode pass per new
+  token that writes its keys/values in place (a transformers ``DynamicCache`` whose layers are
+  ``BufferLayer``s: no concatenation of the whole cache per step), feeding exactly the inputs
+  ``model.generate`` feeds (2-D mask, position ids from the mask, last-position logits only). A row that has
+  ended is dropped from the batch and its cache rows are released, so the remaining rows stop paying for it,
+  and there is no per-step logits-processor / stopping-criteria machinery. Greedy answers equal ``"hf"``'s up
+  to floating point (a smaller batch may round differently and flip a near-tie;
+  ``benchmarks/bench_generation.py`` measures the agreement).
 * ``"cb"``: continuous batching on the same loop: ``batch_size`` slots over ALL requests of the call;
   when a quarter of the slots have ended, the next requests are prefilled and merged into the running
   cache (left-padded; columns no row needs any more are trimmed), so the batch stays full instead of
   waiting for its longest answer. Same agreement caveat as ``"loop"``. Needs plain ``DynamicLayer``
   caches (no sliding window); other models fall back to ``"loop"``.
-* ``"hf"`` (default): ``model.generate`` (every row runs until the batch's longest answer ends).
+* ``"hf"``: ``model.generate`` (every row runs until the batch's longest answer ends).
 
-The default is ``"hf"``: on the quick suite's requests the three engines gave identical answers and the
-same speed within noise at batch 16 on a 2-core CPU (``benchmarks/bench_generation.py``, docs/PERFORMANCE.md);
-the batch size, not the engine, moved throughput there. ``REPBEND_GENERATION_ENGINE`` or ``engine=`` picks another.
+The default is ``"loop"``: on the quick suite's greedy requests it gave the same 288 answers as ``"hf"`` and
+1.17x its new tokens/s at batch 64 on a 2-core CPU, 1.35x on the obfuscation attack's longer prompts
+(``benchmarks/bench_generation.py``, docs/PERFORMANCE.md). ``REPBEND_GENERATION_ENGINE`` or ``engine=`` picks
+another.
 
 Requests longer than the model's context (``max_position_embeddings`` minus ``max_new_tokens``) are
 cut before generation, keeping the END of the longest message (the question usually comes last) and the
@@ -45,6 +48,7 @@ tokens and ending at the first end-of-sequence token.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import warnings
@@ -121,7 +125,7 @@ def _model_device(model) -> torch.device:
 
 
 ENGINES = ("loop", "cb", "hf")
-DEFAULT_ENGINE = "hf"      # measured no faster than the own engines at batch 16 (docs/PERFORMANCE.md); most compatible
+DEFAULT_ENGINE = "loop"    # chunked prefill + in-place KV cache: 1.17x "hf" on the quick suite (docs/PERFORMANCE.md)
 ENGINE_ENV = "REPBEND_GENERATION_ENGINE"   # overrides the default engine (e.g. hf to compare with model.generate)
 
 
@@ -184,22 +188,95 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_new_tokens: int)
     return out[::-1]
 
 
-def _loop_generate(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos: set[int],
-                   sampler: "_RowSampler | None") -> list[list[int]]:
-    """Greedy (or per-row sampled) decoding over a DynamicCache, dropping finished rows; new ids per row."""
+# Prefill passes of the loop engine hold at most this many (padded) prompt tokens: a 64 x 200-token prefill in one
+# pass spends a third of its time in element-wise products over activations far larger than the CPU's caches;
+# in passes of ~2k tokens the same prefill is 1.3-1.5x faster with bit-identical logits (docs/PERFORMANCE.md).
+PREFILL_CHUNK_TOKENS = 2048
+
+
+@functools.cache
+def _dynamic_layer():
+    """``(DynamicLayer, BufferLayer)``, defined on first use (transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys and values live in buffers allocated once for the whole answer: each
+        decode step writes its token in place instead of concatenating (copying) the whole cache, and
+        ``keys``/``values`` are views of the filled part. Same attention inputs, same numbers."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+            super().__init__()
+            self.buffers, self.length = [keys, values], length
+            self.device, self.is_initialized = keys.device, True
+            self._views()
+
+        def _views(self) -> None:
+            self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            t = key_states.shape[-2]
+            if self.length + t > self.buffers[0].shape[-2]:    # longer than planned: grow the buffers
+                self.buffers = [torch.cat([b, b.new_empty(*b.shape[:2], max(t, b.shape[-2]), b.shape[-1])], dim=-2)
+                                for b in self.buffers]
+            for b, x in zip(self.buffers, (key_states, value_states)):
+                b[:, :, self.length:self.length + t] = x
+            self.length += t
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.buffers = [b[indices] for b in self.buffers]
+            self._views()
+
+    return DynamicLayer, BufferLayer
+
+
+def _prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, room: int):
+    """The prompt pass of the loop engine: ``(last-position logits (B, V), cache)``.
+
+    Rows run in passes of at most :data:`PREFILL_CHUNK_TOKENS` padded tokens, and their keys/values are copied
+    into buffers with ``room`` free positions per row (:class:`BufferLayer`). Models whose cache is not made of
+    plain ``DynamicLayer``s (sliding windows, shared KV) run in one pass over their own cache."""
     from transformers import DynamicCache
 
+    cfg = getattr(model, "config", None)
+    DynamicLayer, BufferLayer = _dynamic_layer()
+    n, width = ids.shape
+    probe = DynamicCache(config=cfg)
+    if not probe.layers or not all(type(x) is DynamicLayer for x in probe.layers):
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=probe, use_cache=True,
+                    logits_to_keep=1)
+        return out.logits[:, -1, :], probe
+    rows = max(1, PREFILL_CHUNK_TOKENS // max(1, width))
+    logits, buffers = [], None
+    for s in range(0, n, rows):
+        part = DynamicCache(config=cfg)
+        out = model(input_ids=ids[s:s + rows], attention_mask=attn[s:s + rows], position_ids=pos[s:s + rows],
+                    cache=part, use_cache=True, logits_to_keep=1)
+        logits.append(out.logits[:, -1, :])
+        if buffers is None:
+            buffers = [[x.new_empty(n, x.shape[1], width + room, x.shape[-1]) for x in (layer.keys, layer.values)]
+                       for layer in part.layers]
+        for bufs, layer in zip(buffers, part.layers):
+            for b, x in zip(bufs, (layer.keys, layer.values)):
+                b[s:s + rows, :, :width] = x
+        del part, out
+    probe.layers = [BufferLayer(k, v, width) for k, v in buffers]
+    return torch.cat(logits), probe
+
+
+def _loop_generate(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos: set[int],
+                   sampler: "_RowSampler | None") -> list[list[int]]:
+    """Greedy (or per-row sampled) decoding over a preallocated KV cache, dropping finished rows; new ids per row."""
     n = ids.shape[0]
-    cache = DynamicCache(config=getattr(model, "config", None))
     pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
-                logits_to_keep=1)
+    first, cache = _prefill(model, ids, attn, pos, max_new_tokens)
     new: list[list[int]] = [[] for _ in range(n)]
     alive = list(range(n))                      # original row of each batch row
     eos_t = torch.tensor(sorted(eos) or [-1], device=ids.device)
     gens = sampler.generators if sampler is not None else None
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :]
+        logits = first if step == 0 else out.logits[:, -1, :]
         if sampler is not None:
             sampler.generators = [gens[r] for r in alive]
             logits = sampler(None, logits)
