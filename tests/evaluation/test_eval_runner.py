@@ -212,7 +212,7 @@ def test_generation_group_hands_several_batches_to_each_call(tiny_model, tiny_to
 
     monkeypatch.setattr(generation, "generate", recording)
     light = ["attacks=[{name: obfuscation, transforms: [rot13, base64]}]", "over_refusal.enabled=false",
-             "capability=null", "generation.batch_size=2"]
+             "capability=null", "generation.batch_size=2", "generation.pool=false"]
     one = evaluate(_cfg(suite_file, tmp_path / "g1", overrides=light + ["generation.group=1"]), model=tiny_model,
                    tokenizer=tiny_tokenizer)
     assert calls == [2, 2, 2]
@@ -222,3 +222,31 @@ def test_generation_group_hands_several_batches_to_each_call(tiny_model, tiny_to
     assert calls == [6]
     rows = lambda d: [json.loads(x)["text"] for x in (d / "completions.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(tmp_path / "g1") == rows(tmp_path / "g3") and one.asr == many.asr
+
+
+def test_pooled_generation_answers_every_black_box_attack_in_one_call_per_settings(tiny_model, tiny_tokenizer,
+                                                                                   suite_file, tmp_path, monkeypatch):
+    """generation.pool: the black-box attacks' and over-refusal sets' requests are generated before the attacks
+    run, in one call per generation settings (greedy; best_of_n's sampling); the attacks then find every answer
+    in the store. Same answers and results as each attack calling the generator itself."""
+    calls: list[tuple[int, bool]] = []
+    real = generation.generate
+
+    def recording(model, tok, convs, prefills=None, **kw):
+        calls.append((len(convs), kw["do_sample"]))
+        return real(model, tok, convs, prefills, **kw)
+
+    monkeypatch.setattr(generation, "generate", recording)
+    pooled = evaluate(_cfg(suite_file, tmp_path / "pool"), model=tiny_model, tokenizer=tiny_tokenizer).to_json()
+    # direct 3 + prefill 3 + obfuscation 6 + system prompt 3 + over-refusal 3 + 2 greedy; best_of_n 3 sampled
+    assert sorted(calls) == [(3, True), (20, False)]
+    assert "generate_pooled" in pooled["meta"]["timings"]
+    assert pooled["meta"]["generation"]["generated"] == 26 and pooled["meta"]["generation"]["cached"] == 0
+    calls.clear()
+    alone = evaluate(_cfg(suite_file, tmp_path / "alone", overrides=["generation.pool=false"]), model=tiny_model,
+                     tokenizer=tiny_tokenizer).to_json()
+    assert len(calls) > 2
+    rows = lambda d: sorted((r["attack"], r["behaviour_id"], r["variant"], r["sample"], r["response"])  # noqa: E731
+                            for r in map(json.loads, (d / "completions.jsonl").read_text().splitlines()))
+    assert rows(tmp_path / "pool") == rows(tmp_path / "alone")
+    assert pooled["asr"] == alone["asr"] and pooled["over_refusal"] == alone["over_refusal"]

@@ -101,3 +101,32 @@ def test_group_hands_several_batches_to_one_call_with_the_same_answers(tiny_mode
     b = _target(tiny_model, tiny_tokenizer, tmp_path / "b.jsonl", grouped, group=2).generate(_convs(5))
     assert (one.calls, grouped.calls) == (3, 2) and grouped.sequences == 5      # 2 batches of 2 per call, then 1
     assert a == b
+
+
+def test_a_long_call_stores_each_batch_as_it_ends(tiny_model, tiny_tokenizer, tmp_path):
+    """One generator call for everything (group large): an interruption after its second batch keeps both
+    batches, and the rerun generates only the rest."""
+    gen = CountingGenerate()
+
+    class Boom(Exception):
+        pass
+
+    def dying(*a, on_batch, **kw):
+        seen = []
+
+        def report(idx, texts):
+            on_batch(idx, texts)
+            seen.append(idx)
+            if len(seen) == 2:
+                raise Boom
+        return gen(*a, on_batch=report, **kw)
+
+    t = _target(tiny_model, tiny_tokenizer, tmp_path / "c.jsonl", dying)
+    with pytest.raises(Boom):
+        t.generate(_convs(6), group=100)
+    assert gen.calls == 1
+    t2 = _target(tiny_model, tiny_tokenizer, tmp_path / "c.jsonl", gen)
+    out = t2.generate(_convs(6), group=100)
+    assert len(out) == 6 and t2.stats["cached"] == 4 and t2.stats["generated"] == 2 and gen.calls == 2
+    fresh = _target(tiny_model, tiny_tokenizer, tmp_path / "d.jsonl", CountingGenerate()).generate(_convs(6))
+    assert out == fresh

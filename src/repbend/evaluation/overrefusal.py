@@ -57,6 +57,11 @@ def rates(complied: list[bool], verdicts: list) -> dict:
             "gibberish": sum(bool(v.gibberish) for v in verdicts) / n if n else None}
 
 
+def set_conversations(name: str, prompts: list[dict]) -> list[Conversation]:
+    """The conversations of one safe set (what :func:`evaluate_over_refusal` asks the target)."""
+    return [Conversation(r["id"], ATTACK_NAME, name, [{"role": "user", "content": r["prompt"]}]) for r in prompts]
+
+
 def evaluate_over_refusal(target: Any, cfg: OverRefusalConfig) -> tuple[dict, list[dict]]:
     """Generate answers to the safe sets (cached like every completion) and measure compliance.
 
@@ -70,7 +75,7 @@ def evaluate_over_refusal(target: Any, cfg: OverRefusalConfig) -> tuple[dict, li
     summary: dict[str, Any] = {"judge": cfg.judge, "sets": {}}
     rows: list[dict] = []
     for name, prompts in sets.items():
-        convs = [Conversation(r["id"], ATTACK_NAME, name, [{"role": "user", "content": r["prompt"]}]) for r in prompts]
+        convs = set_conversations(name, prompts)
         texts = [s[0] for s in target.generate(convs, target.settings)]
         verdicts = judge.score([JudgeItem(behaviour=r["prompt"], response=t) for r, t in zip(prompts, texts)])
         complied = [bool(v.harmful) for v in verdicts]     # "harmful" = engaged with the request

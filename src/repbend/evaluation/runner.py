@@ -127,6 +127,42 @@ def attack_subset(behaviours: list, n: int | None, seed: int) -> list:
     return [behaviours[r["i"]] for r in stratified_subset(rows, n, seed)]
 
 
+def prompt_conversations(suite: Suite, benchmarks: dict, target: Any) -> list:
+    """Every conversation the suite's black-box attacks (:class:`PromptAttack`) and over-refusal sets will hand the
+    target, each carrying its attack's generation settings. They depend on the behaviours only, never on an
+    answer, so they can be generated before the attacks run: in one generator call per settings, where the
+    length batching fills whole batches across attacks (a 24-request attack alone pays a 24-row decode step as
+    much as a 64-row one). An attack that would be skipped or fail is left to :func:`run_attacks`."""
+    from repbend.evaluation.attacks import ATTACKS
+    from repbend.evaluation.attacks.base import PromptAttack
+    from repbend.evaluation.overrefusal import load_sets, set_conversations
+    from repbend.evaluation.target import with_settings
+
+    convs: list = []
+    for spec in suite.attacks:
+        _, attack = build(ATTACKS, spec)
+        if not isinstance(attack, PromptAttack):
+            continue
+        try:
+            attack.check(target)
+        except AttackSkipped:
+            continue
+        settings = attack.settings(target.settings)
+        for bench_label, (_, behaviours) in benchmarks.items():
+            bs = attack_subset(behaviours, spec.get("n_behaviours"), suite.seed)
+            if type(attack).needs_target:
+                try:
+                    bs = ensure_targets(spec["name"], bs, bench_label, allow_generic=suite.allow_generic_target,
+                                        generic_target=suite.generic_target)
+                except RepbendError:
+                    continue
+            convs += [with_settings(c, c.settings or settings) for b in bs for c in attack.conversations(b)]
+    if suite.over_refusal.enabled:
+        for name, prompts in load_sets(suite.over_refusal).items():
+            convs += [with_settings(c, target.settings) for c in set_conversations(name, prompts)]
+    return convs
+
+
 def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: Any) -> tuple[dict, list, dict]:
     """Run every attack on every benchmark; returns (asr table, completion rows, per-attack meta)."""
     from repbend.evaluation.attacks import ATTACKS
@@ -266,6 +302,11 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
     gen = suite.generation
     target = ModelTarget(model, tokenizer, store, batch_size=gen.batch_size, fingerprint=ident["fingerprint"],
                          settings=gen.settings(), progress=cfg.progress, group=gen.group)
+    if gen.pool:
+        t0 = time.perf_counter()
+        _echo("generating the answers of every black-box attack and the over-refusal sets together")
+        target.generate(prompt_conversations(suite, benchmarks, target), group=10 ** 6)
+        timings["generate_pooled"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     asr, rows, attack_meta = run_attacks(suite, benchmarks, target, store, judge)
     timings["attacks"] = round(time.perf_counter() - t0, 2)

@@ -39,7 +39,10 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="New tokens per answer.")
     batch_size: int = Field(8, ge=1, description="Conversations per generation batch (left padding, KV cache).")
     group: int = Field(4, ge=1, description="Batches handed to the generator per call: its batching by length sees "
-                                            "that many batches' requests at once (answers are stored per call).")
+                                            "that many batches' requests at once (answers are stored per batch).")
+    pool: bool = Field(True, description="Generate the answers of every black-box attack and the over-refusal sets "
+                                         "before the attacks run, in one generator call per generation settings (they "
+                                         "depend on the behaviours only); false: each attack's own calls.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding (attacks like best_of_n override).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (when do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus threshold (when do_sample).")

@@ -57,8 +57,8 @@ class ModelTarget:
         settings: the suite's default generation settings (``conversation.settings`` overrides them).
         progress: show a progress bar per generate call.
         generate_fn: the batched generator; defaults to ``repbend.models.generation.generate``.
-        group: batches handed to the generator per call (stored together when the call returns): with
-            continuous batching the generator keeps ``batch_size`` rows busy across the whole group.
+        group: batches handed to the generator per call (each batch's answers are stored as soon as the
+            generator reports them): the generator's length batching and continuous batching see the whole group.
 
     ``stats`` counts what happened: ``generated`` / ``cached`` samples, ``new_tokens`` and
     ``seconds`` spent generating (for tokens/s), ``calls`` to the generator.
@@ -77,13 +77,18 @@ class ModelTarget:
         self._generate_fn = generate_fn
         self.group = max(1, group)
         self.stats = {"generated": 0, "cached": 0, "new_tokens": 0, "seconds": 0.0, "calls": 0}
+        self._seen: set[str] = set()
 
     def key(self, conv: Conversation, settings: GenSettings, sample: int) -> str:
         return completion_key(fingerprint=self.fingerprint, attack=conv.attack, variant=conv.variant,
                               messages=conv.messages, prefill=conv.prefill, settings=settings, sample=sample)
 
-    def generate(self, conversations: list[Conversation], settings: GenSettings | None = None) -> list[list[str]]:
-        """Answers (``num_samples`` strings each, without the prefill) for every conversation, in order."""
+    def generate(self, conversations: list[Conversation], settings: GenSettings | None = None, *,
+                 group: int | None = None) -> list[list[str]]:
+        """Answers (``num_samples`` strings each, without the prefill) for every conversation, in order.
+
+        ``group``: batches per generator call for this call (default: the target's ``group``); answers are stored
+        as each batch ends either way."""
         base = settings or self.settings
         eff = [c.settings or base for c in conversations]
         keys = [[self.key(c, s, k) for k in range(s.num_samples)] for c, s in zip(conversations, eff)]
@@ -92,7 +97,10 @@ class ModelTarget:
         seen: set[str] = set()
         for i, ks in enumerate(keys):
             if all(self._cached(k) for k in ks):
-                self.stats["cached"] += len(ks)
+                # each answer counts once per run: generated, or served from the cache (pooled answers are
+                # looked up again by their attack)
+                self.stats["cached"] += sum(k not in self._seen for k in ks)
+                self._seen.update(ks)
             elif ks[0] not in seen:
                 seen.add(ks[0])
                 todo.setdefault(eff[i].key(), []).append(i)
@@ -105,7 +113,7 @@ class ModelTarget:
                       leave=False) as bar:
                 for idxs in todo.values():
                     idxs.sort(key=lambda i: -_length(conversations[i]))  # similar lengths share a batch: less padding
-                    step = self.group * max(1, self.batch_size // eff[idxs[0]].num_samples)  # ~group batches each
+                    step = (group or self.group) * max(1, self.batch_size // eff[idxs[0]].num_samples)
                     for start in range(0, len(idxs), step):
                         part = idxs[start:start + step]
                         self._run_batch([conversations[i] for i in part], eff[part[0]], [keys[i] for i in part])
@@ -118,31 +126,43 @@ class ModelTarget:
         return rec is not None and isinstance(rec.get("text"), str)
 
     def _run_batch(self, convs: list[Conversation], s: GenSettings, keys: list[list[str]]) -> None:
+        """One generator call; its answers are stored batch by batch as the generator reports them (``on_batch``),
+        the rest (a generator that does not report) when the call returns."""
         gen = self._generate_fn
         if gen is None:
             from repbend.models.generation import generate as gen
         t0 = time.perf_counter()
+        clock, stored = [t0], set()
+
+        def store(idx: list[int], outs: list[list[str]]) -> None:
+            now = time.perf_counter()
+            seconds, clock[0] = now - clock[0], now
+            rows = []
+            for i, texts in zip(idx, outs):
+                if len(texts) != s.num_samples:
+                    raise RuntimeError(f"generator returned {len(texts)} samples, expected {s.num_samples}")
+                for k, (key, text) in enumerate(zip(keys[i], texts)):
+                    n_tok = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                    self.stats["new_tokens"] += n_tok
+                    self.stats["generated"] += 1
+                    rows.append((key, {"kind": "completion", "fingerprint": self.fingerprint,
+                                       "behaviour_id": convs[i].behaviour_id, "attack": convs[i].attack,
+                                       "variant": convs[i].variant, "sample": k, "settings": s.key(),
+                                       "text": text, "new_tokens": n_tok,
+                                       "seconds": round(seconds / max(1, len(idx) * s.num_samples), 4)}))
+            self.store.put_many(rows)
+            self._seen.update(key for key, _ in rows)
+            stored.update(idx)
+
         outs = gen(self.model, self.tokenizer, [c.messages for c in convs], [c.prefill for c in convs],
                    max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
                    top_p=s.top_p, num_samples=s.num_samples, seed=s.seed, batch_size=self.batch_size,
-                   progress=False)
-        seconds = time.perf_counter() - t0
+                   progress=False, on_batch=store)
+        rest = [i for i in range(len(convs)) if i not in stored]
+        if rest:
+            store(rest, [outs[i] for i in rest])
         self.stats["calls"] += 1
-        self.stats["seconds"] += seconds
-        rows = []
-        for conv, ks, texts in zip(convs, keys, outs):
-            if len(texts) != s.num_samples:
-                raise RuntimeError(f"generator returned {len(texts)} samples, expected {s.num_samples}")
-            for k, (key, text) in enumerate(zip(ks, texts)):
-                n_tok = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                self.stats["new_tokens"] += n_tok
-                self.stats["generated"] += 1
-                rows.append((key, {"kind": "completion", "fingerprint": self.fingerprint,
-                                   "behaviour_id": conv.behaviour_id, "attack": conv.attack,
-                                   "variant": conv.variant, "sample": k, "settings": s.key(),
-                                   "text": text, "new_tokens": n_tok,
-                                   "seconds": round(seconds / max(1, len(convs) * s.num_samples), 4)}))
-        self.store.put_many(rows)
+        self.stats["seconds"] += time.perf_counter() - t0
 
     def throughput(self) -> dict:
         """Generation throughput so far: new tokens per second of generation wall time."""

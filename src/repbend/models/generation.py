@@ -52,7 +52,7 @@ import functools
 import hashlib
 import os
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -398,13 +398,16 @@ def _cb_generate(model, prompts: list[list[int]], pad_id: int, slots: int, max_n
 def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] | None = None, *,
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              num_samples: int = 1, seed: int = 0, batch_size: int = 8, progress: bool = True,
-             engine: str | None = None) -> list[list[str]]:
+             engine: str | None = None, on_batch: Callable[[list[int], list[list[str]]], None] | None = None
+             ) -> list[list[str]]:
     """Answer each conversation ``num_samples`` times; returns ``texts[conversation][sample]``.
 
     ``conversations``: message lists (``[{"role", "content"}, ...]``) or plain strings (one user turn).
     ``prefills``: text forced as the start of each answer (not included in the returned text).
     ``engine``: ``"loop"``, ``"cb"`` or ``"hf"`` (``model.generate``), see the module docstring; None = the
     ``REPBEND_GENERATION_ENGINE`` environment variable, else :data:`DEFAULT_ENGINE`.
+    ``on_batch(indices, texts)``: called as soon as conversations are answered (all their samples), with their
+    indices and ``texts[k][sample]``, so a caller can store them before the whole call ends.
     """
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
@@ -450,6 +453,20 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(jobs), desc="generate", unit="seq", disable=not progress)
+    left = [num_samples if do_sample else 1] * len(prompts)     # jobs still to run per conversation
+
+    def texts_of(i: int) -> list[str]:
+        return [results[(i, s if do_sample else 0)] for s in range(num_samples)]
+
+    def report(done) -> None:
+        ready = []
+        for i, _ in done:
+            left[i] -= 1
+            if not left[i]:
+                ready.append(i)
+        if on_batch is not None and ready:
+            on_batch(ready, [texts_of(i) for i in ready])
+
     try:
         rows_cb = None
         if engine == "cb":
@@ -462,6 +479,7 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
             for job, new in zip(jobs, rows_cb):
                 cut = next((k for k, t in enumerate(new) if t in eos), len(new))
                 results[job] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+            report(jobs)
             jobs_left: list = []
         else:
             jobs_left = jobs
@@ -484,8 +502,9 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
                 new = rows[r]
                 cut = next((k for k, t in enumerate(new) if t in eos), len(new))
                 results[job] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+            report(chunk)
             bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was_training)
-    return [[results[(i, s if do_sample else 0)] for s in range(num_samples)] for i in range(len(prompts))]
+    return [texts_of(i) for i in range(len(prompts))]
