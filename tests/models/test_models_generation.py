@@ -214,3 +214,13 @@ def test_length_batches_minimise_padding_plus_a_cost_per_batch():
     assert length_batches([700] * 10 + [60] * 50, 64, 48) == [(0, 10), (10, 60)]
     assert length_batches(list(range(60, 36, -1)), 64, 48) == [(0, 24)]
     assert length_batches([100] * 130, 64, 48) == [(0, 64), (64, 128), (128, 130)]
+
+
+def test_budget_batches_cap_rows_and_padded_tokens():
+    from repbend.models.generation import budget_batches
+
+    lengths = [10, 500, 12, 11, 900, 3000, 13]
+    batches = budget_batches(lengths, max_rows=3, max_tokens=1000)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches == [[0, 3, 2], [6, 1], [4], [5]]      # sorted by length; 900 and 3000 alone
+    assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 1000) for b in batches)

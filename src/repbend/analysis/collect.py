@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 
 from repbend.errors import RepbendError
-from repbend.models.generation import left_pad
+from repbend.models.generation import budget_batches, left_pad
 
 KINDS = ("harmful", "overrefusal", "benign")
 
@@ -168,8 +168,9 @@ def collect_states(model: Any, tokenizer: Any, prompts: list[Prompt], layers: li
                    desc: str = "states", progress: bool = True) -> torch.Tensor:
     """``(len(prompts), len(layers), hidden)`` float32 states at each prompt's last token (see module docstring).
 
-    Prompts run left-padded in batches of similar length with explicit position ids, so a row's states do
-    not depend on its batch (up to kernel numerics). Only the decoder runs (no LM head over the sequence).
+    Prompts run left-padded in batches of similar length (at most ``batch_size`` rows and
+    :data:`~repbend.models.generation.PREFILL_CHUNK_TOKENS` padded tokens) with explicit position ids, so a row's
+    states do not depend on its batch (up to kernel numerics). Only the decoder runs (no LM head over the sequence).
     """
     from tqdm import tqdm
 
@@ -180,14 +181,12 @@ def collect_states(model: Any, tokenizer: Any, prompts: list[Prompt], layers: li
     decoder = decoder_parts(model)[0]
     device = next(decoder.parameters()).device
     ids = [prompt_ids(tokenizer, [{"role": "user", "content": p.text}]) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: torch.Tensor | None = None
     store: dict[int, torch.Tensor] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     with _capture_last(model, layers, store):
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        for idx in budget_batches([len(x) for x in ids], batch_size):
             x, mask = left_pad([ids[i] for i in idx], pad)
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             store.clear()

@@ -286,6 +286,38 @@ def _head_vs_embedding(model) -> dict:
             "lm_head_vs_embed_rel_l2_diff": round(float(torch.linalg.norm(diff) / torch.linalg.norm(emb)), 6)}
 
 
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """While converting: one ``gguf.GGUFReader`` per file and one tensor-name map per (architecture, depth).
+
+    transformers parses a GGUF's metadata once for the tokenizer, once for the config and once for the weights
+    (about 5 s each for SmolLM2's 49k-token vocabulary on a 2-core CPU), and rebuilds gguf's tensor-name map
+    for every submodule it walks (~400 times, about 7 s). The reader only reads (a memory map), and the map is
+    a lookup table, so sharing them gives the same tensors. Nothing is changed when gguf lacks either name."""
+    import functools
+
+    import gguf as lib
+
+    saved = {name: getattr(lib, name, None) for name in ("GGUFReader", "get_tensor_name_map")}
+    if None in saved.values():
+        yield
+        return
+    readers: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = saved["GGUFReader"](path, *args, **kwargs)
+        return readers[key]
+
+    lib.GGUFReader, lib.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(saved["get_tensor_name_map"])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(lib, name, value)
+
+
 def convert_gguf(model: EmbeddedModel, gguf: Path, out: Path) -> dict:
     """Dequantise the GGUF into an ordinary fp32 safetensors folder at ``out``; returns its source record."""
     import torch
@@ -297,8 +329,9 @@ def convert_gguf(model: EmbeddedModel, gguf: Path, out: Path) -> dict:
         raise RepbendError(f"Converting {model.name} needs the 'gguf' package: pip install gguf") from None
     t0 = time.perf_counter()
     _say(f"converting {model.name} from {gguf.name} to safetensors (once)")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):  # the weights are dequantised: a plain folder, not a GGUF one
         del config.quantization_config
