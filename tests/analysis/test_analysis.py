@@ -168,3 +168,13 @@ def test_compare_to_reads_the_base_from_a_training_run_config(tmp_path):
     assert _run_base(tmp_path) == "default"
     (tmp_path / "config.yaml").write_text("model: some/hub-model\n")
     assert _run_base(tmp_path) == "some/hub-model"
+
+
+def test_heldout_prompts_without_contextual_behaviours(harmbench_wheel):
+    from repbend.analysis.collect import heldout_prompts
+
+    every = [p for p in heldout_prompts(48, 0) if p.kind == "harmful"]
+    standard = [p for p in heldout_prompts(48, 0, include_contextual=False) if p.kind == "harmful"]
+    assert any("\n\n---\n\n" in p.text for p in every)          # contextual: context, separator, request
+    assert standard and not any("\n\n---\n\n" in p.text for p in standard)
+    assert {p.part for p in standard} == {"fit", "test"}

@@ -84,6 +84,10 @@ def test_plan_builds_every_stage_without_loading_models(tmp_path):
     assert full["compare_to"] == str(tmp_path / "train-repbend-s0") and full["adapter"] is None
     off = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "analyze_prompts": 0})
     assert not [s for s in plan(off) if s.name.startswith("analyze")]
+    # the analysis reads HarmBench's contextual behaviours exactly when the suite evaluates them
+    assert full["include_contextual"] is False          # the default suite (quick) has standard behaviours only
+    full_suite = load_config(PipelineConfig, data={"output_dir": str(tmp_path), "suite": "full"})
+    assert next(s for s in plan(full_suite) if s.name.startswith("analyze")).fingerprint["analyze"]["include_contextual"]
 
 
 def test_empty_new_training_options_keep_old_fingerprints(tmp_path):

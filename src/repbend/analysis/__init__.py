@@ -31,6 +31,9 @@ class AnalyzeConfig(Section):
     output_dir: str = Field(..., description="Folder for summary.json/md, plots, logit_lens.md, config and run info.")
     layers: str | None = Field(None, description="Hidden states to analyse: all (default), '3,7,15' or '0-30:2'.")
     max_prompts: int = Field(48, ge=0, description="Prompts per kind and part (fit/test); 0 = all.")
+    include_contextual: bool = Field(True, description="Harmful prompts include HarmBench's contextual behaviours "
+                                                       "(a 200-700-token context before the request); false: standard "
+                                                       "behaviours only, as the quick suite evaluates.")
     pca_layer: int | None = Field(None, description="Hidden state of the PCA plot (default: where the original's "
                                                     "difference of means separates harmful from over-refusal best).")
     lens_prompts: int = Field(2, ge=0, description="Test prompts per kind shown in the logit-lens table.")
@@ -95,7 +98,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     seed_everything(cfg.seed)
     write_run_info(out, cfg, seed=cfg.seed)
 
-    prompts = collect.heldout_prompts(cfg.max_prompts or None, cfg.seed)
+    prompts = collect.heldout_prompts(cfg.max_prompts or None, cfg.seed, cfg.include_contextual)
     if cfg.probe_data:
         prompts = [p for p in prompts if p.part == "test"] + collect.training_prompts(cfg.probe_data, cfg.max_prompts or None, cfg.seed)
     if cfg.strip_final_punct:

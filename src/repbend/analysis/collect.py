@@ -52,8 +52,9 @@ def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     return stratified_subset(rows, n, seed)
 
 
-def heldout_prompts(max_prompts: int | None = 48, seed: int = 0) -> list[Prompt]:
-    """The fit and test prompts of every kind (at most ``max_prompts`` per kind and part; None = all)."""
+def heldout_prompts(max_prompts: int | None = 48, seed: int = 0, include_contextual: bool = True) -> list[Prompt]:
+    """The fit and test prompts of every kind (at most ``max_prompts`` per kind and part; None = all);
+    ``include_contextual=False`` leaves HarmBench's contextual behaviours (200-700-token contexts) out."""
     from repbend.data.sources import load_harmbench, load_project
 
     def text(r: dict) -> str:
@@ -61,7 +62,8 @@ def heldout_prompts(max_prompts: int | None = 48, seed: int = 0) -> list[Prompt]
 
     out: list[Prompt] = []
     for part, split in (("fit", "val"), ("test", "test")):
-        out += [Prompt(r["id"], "harmful", part, text(r)) for r in _subset(load_harmbench(split=split), max_prompts, seed)]
+        rows = load_harmbench(split=split, include_contextual=include_contextual)
+        out += [Prompt(r["id"], "harmful", part, text(r)) for r in _subset(rows, max_prompts, seed)]
     for part, split in (("fit", "val"), ("test", "eval")):
         out += [Prompt(r["id"], "overrefusal", part, r["prompt"])
                 for r in _subset(load_project("overrefusal", split=split), max_prompts, seed)]

@@ -166,6 +166,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         from repbend.analysis import AnalyzeConfig, analyze
 
         acfg = AnalyzeConfig(model=cfg.model, output_dir=str(d), max_prompts=cfg.analyze_prompts, lens_prompts=1,
+                             include_contextual=suite_contextual(suite),
                              **({"compare_to": str(run)} if full_finetune else {"adapter": str(run)}))
         return Stage(f"analyze {d.name}", d, lambda: analyze(acfg), {"analyze": acfg.model_dump(mode="json")})
 
@@ -205,6 +206,12 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
             if v is data_cfg:
                 st.fingerprint[k] = dump
     return stages
+
+
+def suite_contextual(suite) -> bool:
+    """Whether the suite evaluates HarmBench's contextual behaviours (the analysis then reads them too)."""
+    return any(b.get("include_contextual", True) for b in suite.benchmarks if b.get("name") == "harmbench") \
+        or not any(b.get("name") == "harmbench" for b in suite.benchmarks)
 
 
 def val_rows_read(suite, data_dir: Path, train_cfgs) -> int | None:
