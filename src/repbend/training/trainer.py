@@ -156,6 +156,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, method) -> Path:
     from transformers import get_scheduler
 
     t_start = time.time()
+    if not torch.cuda.is_available():   # CPU training: reuse freed memory instead of mmap/munmap per step
+        from repbend.memory import keep_freed_memory
+
+        keep_freed_memory()
     run_dir, tc = Path(cfg.output_dir), cfg.training
     candidates = prepare_run_dir(cfg, resume, overwrite)
     rows = repeat_kinds(load_rows(cfg.data.dir), cfg.data.repeat_kinds)
