@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         keep_final_punct: bool = typer.Option(False, "--keep-final-punct", help="Keep each prompt's final ?/./! (by "
                                               "default dropped: it tells the held-out sets apart by style)."),
         no_probe: bool = typer.Option(False, "--no-probe", help="Skip the logistic probe (difference of means only)."),
+        no_contextual: bool = typer.Option(False, "--no-contextual", help="Harmful prompts from HarmBench's standard "
+                                           "behaviours only (as the quick suite evaluates), without the contextual ones."),
         batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if present)."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
@@ -39,7 +41,7 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(AnalyzeConfig, data={
             "model": model, "adapter": adapter, "compare_to": compare_to, "output_dir": output_dir, "layers": layers,
             "max_prompts": max_prompts, "pca_layer": pca_layer, "lens_prompts": lens_prompts, "probe_data": probe_data,
-            "probe": not no_probe, "strip_final_punct": not keep_final_punct, "batch_size": batch_size, "device": device, "dtype": dtype, "seed": seed})
+            "probe": not no_probe, "include_contextual": not no_contextual, "strip_final_punct": not keep_final_punct, "batch_size": batch_size, "device": device, "dtype": dtype, "seed": seed})
         s = analyze(cfg)
         for tag, best in s["best"].items():
             b = best["diff_means"]

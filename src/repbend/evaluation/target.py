@@ -108,7 +108,8 @@ class ModelTarget:
         if total:
             from tqdm.auto import tqdm
 
-            label = conversations[0].attack if conversations else ""
+            names = sorted({c.attack for c in conversations})
+            label = names[0] if len(names) == 1 else f"{len(names)} attacks"
             with tqdm(total=total, desc=f"generate {label}", unit="ans", disable=not self.progress,
                       leave=False) as bar:
                 for idxs in todo.values():
