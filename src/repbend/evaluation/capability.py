@@ -155,19 +155,10 @@ def length_groups(lengths: list[int], overhead: int = 16) -> list[list[int]]:
     """Indices of ``lengths`` sorted by length and cut into consecutive groups that minimise the padded
     tokens (group size x its longest length) plus ``overhead`` token-equivalents per group (one forward
     call each); exact dynamic programme over the sorted list."""
+    from repbend.models.generation import cheapest_cuts
+
     order = sorted(range(len(lengths)), key=lambda j: lengths[j])
-    ls = [lengths[j] for j in order]
-    best, cut = [0.0] + [math.inf] * len(ls), [0] * (len(ls) + 1)
-    for j in range(1, len(ls) + 1):
-        for i in range(j):
-            cost = best[i] + ls[j - 1] * (j - i) + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(ls)
-    while j > 0:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
+    return [order[i:j] for i, j in cheapest_cuts([lengths[k] for k in order], [1] * len(order), overhead)]
 
 
 def option_logprobs(model: Any, tokenizer: Any, prompts: list[str], options: list[list[str]], *,

@@ -250,21 +250,11 @@ def width_groups(items: dict[str, list[Encoded]], overhead: int = 32) -> list[li
     longest row) plus ``overhead`` token-equivalents per pass. Safe, unsafe and retain rows differ in
     length (a refusal is short, a retain conversation long), and one padded batch of all of them spent about a
     fifth of a step's tokens on padding."""
+    from repbend.models.generation import cheapest_cuts
+
     order = sorted(items, key=lambda s: max(len(e.input_ids) for e in items[s]))
     width = [max(len(e.input_ids) for e in items[s]) for s in order]
-    rows = [len(items[s]) for s in order]
-    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):
-        for i in range(j):
-            n = sum(rows[i:j])
-            cost = best[i] + n * width[j - 1] + overhead
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(order)
-    while j > 0:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
+    return [order[i:j] for i, j in cheapest_cuts(width, [len(items[s]) for s in order], overhead)]
 
 
 def collate_groups(items: dict[str, list[Encoded]], pad_id: int, groups: Sequence[Sequence[str]] | None = None
