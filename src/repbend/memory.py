@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-_DONE: list[bool] = []
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Large blocks from the heap, and freed memory kept for reuse (glibc); True when the settings took effect."""
-    if _DONE:
-        return _DONE[0]
     ok = False
     if sys.platform.startswith("linux") and os.environ.get("REPBEND_MALLOC", "").lower() != "system":
         try:
@@ -36,5 +35,4 @@ def keep_freed_memory() -> bool:
             ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
         except (OSError, AttributeError):   # not glibc (musl, ...): leave the allocator alone
             ok = False
-    _DONE.append(ok)
     return ok

@@ -127,20 +127,36 @@ def attack_subset(behaviours: list, n: int | None, seed: int) -> list:
     return [behaviours[r["i"]] for r in stratified_subset(rows, n, seed)]
 
 
-def prompt_conversations(suite: Suite, benchmarks: dict, target: Any) -> list:
+def attack_behaviours(suite: Suite, spec: dict, label: str, attack: Any, bench_label: str, behaviours: list) -> list:
+    """The behaviours ``attack`` runs on one benchmark: the suite's seeded subset, with targets when it needs them
+    (RepbendError when a target is missing and the suite does not allow the generic one)."""
+    bs = attack_subset(behaviours, spec.get("n_behaviours"), suite.seed)
+    if type(attack).needs_target:
+        bs = ensure_targets(label, bs, bench_label, allow_generic=suite.allow_generic_target,
+                            generic_target=suite.generic_target)
+    return bs
+
+
+def build_attacks(suite: Suite) -> list[tuple[dict, str, Any]]:
+    """``(spec, label, attack)`` for every attack of the suite, built once."""
+    from repbend.evaluation.attacks import ATTACKS
+
+    return [(spec, *build(ATTACKS, spec)) for spec in suite.attacks]
+
+
+def prompt_conversations(suite: Suite, benchmarks: dict, target: Any,
+                         attacks: list[tuple[dict, str, Any]] | None = None) -> list:
     """Every conversation the suite's black-box attacks (:class:`PromptAttack`) and over-refusal sets will hand the
     target, each carrying its attack's generation settings. They depend on the behaviours only, never on an
     answer, so they can be generated before the attacks run: in one generator call per settings, where the
     length batching fills whole batches across attacks (a 24-request attack alone pays a 24-row decode step as
     much as a 64-row one). An attack that would be skipped or fail is left to :func:`run_attacks`."""
-    from repbend.evaluation.attacks import ATTACKS
     from repbend.evaluation.attacks.base import PromptAttack
     from repbend.evaluation.overrefusal import load_sets, set_conversations
     from repbend.evaluation.target import with_settings
 
     convs: list = []
-    for spec in suite.attacks:
-        _, attack = build(ATTACKS, spec)
+    for spec, label, attack in attacks if attacks is not None else build_attacks(suite):
         if not isinstance(attack, PromptAttack):
             continue
         try:
@@ -149,13 +165,10 @@ def prompt_conversations(suite: Suite, benchmarks: dict, target: Any) -> list:
             continue
         settings = attack.settings(target.settings)
         for bench_label, (_, behaviours) in benchmarks.items():
-            bs = attack_subset(behaviours, spec.get("n_behaviours"), suite.seed)
-            if type(attack).needs_target:
-                try:
-                    bs = ensure_targets(spec["name"], bs, bench_label, allow_generic=suite.allow_generic_target,
-                                        generic_target=suite.generic_target)
-                except RepbendError:
-                    continue
+            try:
+                bs = attack_behaviours(suite, spec, label, attack, bench_label, behaviours)
+            except RepbendError:
+                continue
             convs += [with_settings(c, c.settings or settings) for b in bs for c in attack.conversations(b)]
     if suite.over_refusal.enabled:
         for name, prompts in load_sets(suite.over_refusal).items():
@@ -163,24 +176,21 @@ def prompt_conversations(suite: Suite, benchmarks: dict, target: Any) -> list:
     return convs
 
 
-def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: Any) -> tuple[dict, list, dict]:
-    """Run every attack on every benchmark; returns (asr table, completion rows, per-attack meta)."""
-    from repbend.evaluation.attacks import ATTACKS
-
+def run_attacks(suite: Suite, benchmarks: dict, target: Any, store: Any, judge: Any,
+                attacks: list[tuple[dict, str, Any]] | None = None) -> tuple[dict, list, dict]:
+    """Run every attack (built by :func:`build_attacks` unless given) on every benchmark; returns (asr table,
+    completion rows, per-attack meta)."""
     asr: dict[str, dict] = {}
     rows: list[dict] = []
     meta: dict[str, Any] = {"skipped": {}, "timings": {}, "provenance": {}, "white_box": []}
-    for i, spec in enumerate(suite.attacks, 1):
-        label, attack = build(ATTACKS, spec)
+    attacks = attacks if attacks is not None else build_attacks(suite)
+    for i, (spec, label, attack) in enumerate(attacks, 1):
         t0 = time.perf_counter()
         for bench_label, (bench, behaviours) in benchmarks.items():
             n = min(len(behaviours), spec.get("n_behaviours") or len(behaviours))
             _echo(f"[{i}/{len(suite.attacks)}] attack {label} on {bench_label} ({n} behaviours)")
             try:
-                bs = attack_subset(behaviours, spec.get("n_behaviours"), suite.seed)
-                if type(attack).needs_target:
-                    bs = ensure_targets(label, bs, bench_label, allow_generic=suite.allow_generic_target,
-                                        generic_target=suite.generic_target)
+                bs = attack_behaviours(suite, spec, label, attack, bench_label, behaviours)
                 comps = attack.run(bs, target, store)
             except AttackSkipped as e:
                 meta["skipped"][label] = str(e)
@@ -302,13 +312,14 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
     gen = suite.generation
     target = ModelTarget(model, tokenizer, store, batch_size=gen.batch_size, fingerprint=ident["fingerprint"],
                          settings=gen.settings(), progress=cfg.progress, group=gen.group)
+    attacks = build_attacks(suite)
     if gen.pool:
         t0 = time.perf_counter()
         _echo("generating the answers of every black-box attack and the over-refusal sets together")
-        target.generate(prompt_conversations(suite, benchmarks, target), group=10 ** 6)
+        target.generate(prompt_conversations(suite, benchmarks, target, attacks), group=10 ** 6)
         timings["generate_pooled"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    asr, rows, attack_meta = run_attacks(suite, benchmarks, target, store, judge)
+    asr, rows, attack_meta = run_attacks(suite, benchmarks, target, store, judge, attacks)
     timings["attacks"] = round(time.perf_counter() - t0, 2)
 
     over_refusal: dict = {"n": 0, "compliance": None}

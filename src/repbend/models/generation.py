@@ -51,6 +51,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import math
 import os
 import warnings
@@ -206,10 +207,11 @@ def cheapest_cuts(widths: Sequence[int], weights: Sequence[int], overhead: float
     the groups, the group's weight x its widest item plus ``overhead``: an exact dynamic programme (ties keep the
     earlier cut)."""
     n = len(widths)
+    total = [0] + list(itertools.accumulate(weights))      # total[j] - total[i] = weight of items i..j-1
     best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j):
-            cost = best[i] + sum(weights[i:j]) * widths[j - 1] + overhead
+            cost = best[i] + (total[j] - total[i]) * widths[j - 1] + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     return _walk_back(cut)
