@@ -23,7 +23,8 @@ texts), and the arithmetic bound:
 
 ``--model`` takes an alias, a folder or a ``.gguf`` file (loaded with transformers in fp32).
 ``--decode-rows 8,16,64`` times one decode step alone at those batch sizes (dynamic vs static KV cache).
-``--engines hf@64,hf:pool@64`` compares one call per attack with one call for the whole workload.
+``--engines hf@64,hf:pool@64`` compares one call per attack with one call for the whole workload;
+``--engines loop:noshare@64,loop@64`` the loop engine without and with the shared prompt prefix pass.
 ``--dtypes float32,bfloat16`` adds a bf16 copy of the model run with the first engine (agreement vs fp32).
 """
 from __future__ import annotations
@@ -68,16 +69,16 @@ def _fixed_batches(lengths, batch_size, max_new_tokens):
     return [(s, min(s + batch_size, len(lengths))) for s in range(0, len(lengths), batch_size)]
 
 
-def _generate(engine: str, fixed: bool, *args, **kwargs):
+def _generate(engine: str, fixed: bool, share: bool, *args, **kwargs):
     """``generate`` with ``engine``; ``fixed``: cut the sorted prompts into consecutive ``batch_size`` chunks (the
-    batching before :func:`repbend.models.generation.length_batches`)."""
+    batching before :func:`repbend.models.generation.length_batches`); ``share``: its ``share_prefix``."""
     from repbend.models import generation as g
 
     if not fixed:
-        return g.generate(*args, engine=engine, **kwargs)
+        return g.generate(*args, engine=engine, share_prefix=share, **kwargs)
     keep, g.length_batches = g.length_batches, _fixed_batches
     try:
-        return g.generate(*args, engine=engine, **kwargs)
+        return g.generate(*args, engine=engine, share_prefix=share, **kwargs)
     finally:
         g.length_batches = keep
 
@@ -203,7 +204,10 @@ def main() -> None:
                                                          "engine:fixed@N cuts prompts into consecutive N-row "
                                                          "chunks instead of length_batches, engine:pool@N answers "
                                                          "every workload in ONE target call (as an evaluation's "
-                                                         "prefetch does) instead of one call per attack")
+                                                         "prefetch does) instead of one call per attack, "
+                                                         "engine:noshare@N runs every row's whole prompt (no "
+                                                         "shared prefix pass); modifiers combine with + "
+                                                         "(loop:pool+noshare@64)")
     ap.add_argument("--dtypes", default="float32", help="float32[,bfloat16]: extra dtypes run with the first engine")
     ap.add_argument("--suite", default="quick")
     ap.add_argument("--batch", type=int, default=16)
@@ -244,11 +248,13 @@ def main() -> None:
         m, t = models[dt]
         name, _, bs = e.partition("@")       # engine@N: this variant generates N rows per batch
         name, _, how = name.partition(":")   # engine:fixed: consecutive batch_size chunks instead of length_batches
+        mods = set(how.split("+")) - {""}
         targets[(e, dt)] = ModelTarget(
             m, t, Store(tmp / f"{e}-{dt}.jsonl"), batch_size=int(bs or args.batch), fingerprint=f"{e}-{dt}",
-            progress=False, group=10 ** 6 if how == "pool" else args.group,
-            generate_fn=lambda *a, _e=name, _f=how == "fixed", **kw: _generate(_e, _f, *a, **kw))
-    pooled = {v for v in variants if v[0].partition("@")[0].partition(":")[2] == "pool"}
+            progress=False, group=10 ** 6 if "pool" in mods else args.group,
+            generate_fn=lambda *a, _e=name, _f="fixed" in mods, _s="noshare" not in mods, **kw:
+            _generate(_e, _f, _s, *a, **kw))
+    pooled = {v for v in variants if "pool" in v[0].partition("@")[0].partition(":")[2].split("+")}
     if pooled:
         from repbend.evaluation.target import with_settings
         every = [with_settings(c, s) for _, convs, s in work for c in convs]

@@ -224,3 +224,77 @@ def test_budget_batches_cap_rows_and_padded_tokens():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert batches == [[0, 3, 2], [6, 1], [4], [5]]      # sorted by length; 900 and 3000 alone
     assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 1000) for b in batches)
+
+
+def test_shared_prefix_leaves_each_row_a_token_and_skips_short_or_single():
+    from repbend.models.generation import shared_prefix
+
+    assert shared_prefix([[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4]], minimum=1) == 3
+    assert shared_prefix([[1, 2, 3], [1, 2, 3], [1, 2, 3, 4]], minimum=1) == 2     # the shortest keeps its last token
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5]], minimum=3) == 0                # too short to pay for its pass
+    assert shared_prefix([[7, 1, 2], [1, 2, 3]], minimum=1) == 0
+    assert shared_prefix([[1, 2, 3, 4]], minimum=1) == 0                          # one row: nothing to share
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_loop_runs_a_shared_prompt_start_once_with_the_same_answers(tiny_model, tiny_tokenizer, monkeypatch,
+                                                                    batch_size):
+    """Rows of a batch that start with the same tokens (one system prompt): the loop engine runs those tokens once,
+    as one row, and copies their keys/values to every row; the answers equal whole-prompt passes and
+    ``model.generate`` (greedy and sampled, rows ending early and row-chunked prefill passes included)."""
+    import repbend.models.generation as g
+
+    monkeypatch.setattr(g, "PREFILL_CHUNK_TOKENS", 40)
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly and kindly."}
+    convs = [[system, {"role": "user", "content": q}] for q in
+             ("Hi", "How do I bake bread at home?", "What is the capital of France?", "A poem about the sea, please.",
+              "Name three colours.")]
+    prefills = ["", "Sure", "", "The", ""]
+    rows = [prompt_ids(tiny_tokenizer, c, p) for c, p in zip(convs, prefills)]
+    shared = g.shared_prefix(rows)
+    assert shared >= g.SHARED_PREFIX_MIN_TOKENS
+    widths = []
+    hook = tiny_model.get_input_embeddings().register_forward_hook(lambda m, a, out: widths.append(tuple(a[0].shape)))
+    try:
+        for kw in (dict(max_new_tokens=10), dict(max_new_tokens=7, do_sample=True, temperature=1.3, num_samples=2,
+                                                 seed=5)):
+            widths.clear()
+            once = g.generate(tiny_model, tiny_tokenizer, convs, prefills, batch_size=batch_size, progress=False,
+                              engine="loop", **kw)
+            assert (1, shared) in widths or batch_size < len(convs)  # one batch: exactly the common start
+            assert all(w[0] == 1 or w[1] < max(map(len, rows)) for w in widths)  # no row ran its whole prompt
+            whole = g.generate(tiny_model, tiny_tokenizer, convs, prefills, batch_size=batch_size, progress=False,
+                               engine="loop", share_prefix=False, **kw)
+            hf = g.generate(tiny_model, tiny_tokenizer, convs, prefills, batch_size=batch_size, progress=False,
+                            engine="hf", **kw)
+            assert once == whole == hf
+    finally:
+        hook.remove()
+
+
+def test_prefill_with_a_shared_prefix_gives_the_whole_prompts_logits_and_cache(tiny_model, tiny_tokenizer, monkeypatch):
+    """The prompt pass over [shared start run once | each row's rest]: the same last-position logits and the same
+    keys/values (real positions) as the pass over the whole left-padded prompts."""
+    import repbend.models.generation as g
+
+    monkeypatch.setattr(g, "PREFILL_CHUNK_TOKENS", 30)          # several row passes
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly and kindly."}
+    rows = [prompt_ids(tiny_tokenizer, [system, {"role": "user", "content": q}]) for q in
+            ("Hi", "How do I bake bread at home?", "What is the capital of France?")]
+    p = g.shared_prefix(rows)
+    pad = tiny_tokenizer.pad_token_id or 0
+    with torch.inference_mode():
+        ids, attn = g.left_pad(rows, pad)
+        pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
+        whole, cache_w = g._prefill(tiny_model, ids, attn, pos, 4)
+        rest, rest_attn = g.left_pad([r[p:] for r in rows], pad)
+        full_attn = torch.cat([torch.ones(len(rows), p, dtype=torch.long), rest_attn], dim=-1)
+        rest_pos = (full_attn.cumsum(-1) - 1).masked_fill(full_attn == 0, 0)[:, p:]
+        shared, cache_s = g._prefill(tiny_model, rest, full_attn, rest_pos, 4, rows[0][:p])
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    for lw, ls in zip(cache_w.layers, cache_s.layers):
+        for r, row in enumerate(rows):   # the row's real tokens: right-aligned in both layouts after the prefix
+            n = len(row)
+            torch.testing.assert_close(ls.keys[r, :, :p], lw.keys[r, :, -n:][:, :p], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ls.keys[r, :, -(n - p):], lw.keys[r, :, -(n - p):], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ls.values[r, :, -(n - p):], lw.values[r, :, -(n - p):], rtol=1e-5, atol=1e-5)

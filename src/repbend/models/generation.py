@@ -14,7 +14,10 @@ Engines (``engine=``):
   ``model.generate`` feeds (2-D mask, position ids from the mask, last-position logits only). Rows that have
   ended are dropped from the batch with their cache rows once a quarter of the batch has ended
   (:data:`COMPACT_FRACTION`), so the remaining rows stop paying for them without copying the cache at every
-  ending, and there is no per-step logits-processor / stopping-criteria machinery. Greedy answers equal ``"hf"``'s up
+  ending, and there is no per-step logits-processor / stopping-criteria machinery. The tokens every row of a
+  batch starts with (the chat template's system turn: 24 of a ~45-token request on the default model) run once,
+  as one row, and their keys/values are copied to every row (:func:`shared_prefix`, ``share_prefix=``; the
+  field's prefix caching, within a batch). Greedy answers equal ``"hf"``'s up
   to floating point (a smaller batch may round differently and flip a near-tie;
   ``benchmarks/bench_generation.py`` measures the agreement).
 * ``"cb"``: continuous batching on the same loop: ``batch_size`` slots over ALL requests of the call;
@@ -231,6 +234,26 @@ def budget_batches(lengths: Sequence[int], max_rows: int, max_tokens: int = PREF
     return out
 
 
+# A batch's rows share their common prompt start (the chat template's system turn and the like) when it is at least
+# this many tokens: below that, the extra one-row pass costs about what it saves.
+SHARED_PREFIX_MIN_TOKENS = 8
+
+
+def shared_prefix(rows: Sequence[Sequence[int]], minimum: int = SHARED_PREFIX_MIN_TOKENS) -> int:
+    """How many leading tokens all ``rows`` have in common, leaving every row at least one token of its own (its
+    last token's logits start the answer); 0 when that is fewer than ``minimum`` or there is one row (nothing to
+    share)."""
+    if len(rows) < 2:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= minimum else 0
+
+
 @functools.cache
 def _dynamic_layer():
     """``(DynamicLayer, BufferLayer)``, defined on first use (transformers is imported lazily)."""
@@ -268,12 +291,26 @@ def _dynamic_layer():
     return DynamicLayer, BufferLayer
 
 
-def _prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, room: int):
+def _plain_cache(model) -> bool:
+    """Whether ``model``'s cache is made of plain ``DynamicLayer``s (no sliding window, no shared KV)."""
+    from transformers import DynamicCache
+
+    DynamicLayer, _ = _dynamic_layer()
+    probe = DynamicCache(config=getattr(model, "config", None))
+    return bool(probe.layers) and all(type(x) is DynamicLayer for x in probe.layers)
+
+
+def _prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, room: int,
+             prefix: Sequence[int] = ()):
     """The prompt pass of the loop engine: ``(last-position logits (B, V), cache)``.
 
     Rows run in passes of at most :data:`PREFILL_CHUNK_TOKENS` padded tokens, and their keys/values are copied
     into buffers with ``room`` free positions per row (:class:`BufferLayer`). Models whose cache is not made of
-    plain ``DynamicLayer``s (sliding windows, shared KV) run in one pass over their own cache."""
+    plain ``DynamicLayer``s (sliding windows, shared KV) run in one pass over their own cache.
+
+    ``prefix``: tokens every row starts with (:func:`shared_prefix`). They run once, as one row, and their
+    keys/values are copied to every row's buffers; ``ids``/``pos`` are then the rows' remaining tokens (left
+    padded) and their positions, ``attn`` the mask over prefix and remaining tokens. Plain caches only."""
     from transformers import DynamicCache
 
     cfg = getattr(model, "config", None)
@@ -286,6 +323,26 @@ def _prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, ro
         return out.logits[:, -1, :], probe
     rows = max(1, PREFILL_CHUNK_TOKENS // max(1, width))
     logits, buffers = [], None
+    if prefix:
+        p = len(prefix)
+        head = DynamicCache(config=cfg)
+        model(input_ids=torch.tensor([list(prefix)], device=ids.device), position_ids=torch.arange(p, device=ids.device)[None],
+              cache=head, use_cache=True, logits_to_keep=1)
+        buffers = [[x.new_empty(n, x.shape[1], p + width + room, x.shape[-1]) for x in (layer.keys, layer.values)]
+                   for layer in head.layers]
+        for bufs, layer in zip(buffers, head.layers):
+            for b, x in zip(bufs, (layer.keys, layer.values)):
+                b[:, :, :p] = x
+        del head
+        for s in range(0, n, rows):   # each pass writes its keys/values into its rows of the buffers, in place
+            part = DynamicCache(config=cfg)
+            part.layers = [BufferLayer(k[s:s + rows], v[s:s + rows], p) for k, v in buffers]
+            out = model(input_ids=ids[s:s + rows], attention_mask=attn[s:s + rows], position_ids=pos[s:s + rows],
+                        cache=part, use_cache=True, logits_to_keep=1)
+            logits.append(out.logits[:, -1, :])
+            del part, out
+        probe.layers = [BufferLayer(k, v, p + width) for k, v in buffers]
+        return torch.cat(logits), probe
     for s in range(0, n, rows):
         part = DynamicCache(config=cfg)
         out = model(input_ids=ids[s:s + rows], attention_mask=attn[s:s + rows], position_ids=pos[s:s + rows],
@@ -308,11 +365,16 @@ COMPACT_FRACTION = 4
 
 
 def _loop_generate(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos: set[int],
-                   sampler: "_RowSampler | None") -> list[list[int]]:
-    """Greedy (or per-row sampled) decoding over a preallocated KV cache, dropping finished rows; new ids per row."""
+                   sampler: "_RowSampler | None", prefix: Sequence[int] = ()) -> list[list[int]]:
+    """Greedy (or per-row sampled) decoding over a preallocated KV cache, dropping finished rows; new ids per row.
+
+    ``prefix``: tokens every row starts with, left out of ``ids``/``attn`` (the rest of each row, left padded);
+    their keys/values are computed once (:func:`_prefill`)."""
     n = ids.shape[0]
-    pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
-    first, cache = _prefill(model, ids, attn, pos, max_new_tokens)
+    if prefix:
+        attn = torch.cat([attn.new_ones((n, len(prefix))), attn], dim=-1)
+    pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)[:, attn.shape[1] - ids.shape[1]:]
+    first, cache = _prefill(model, ids, attn, pos, max_new_tokens, prefix)
     new: list[list[int]] = [[] for _ in range(n)]
     alive = list(range(n))                      # original row of each batch row
     ended = torch.zeros(n, dtype=torch.bool, device=ids.device)   # rows that ended but still fill the batch
@@ -443,8 +505,8 @@ def _cb_generate(model, prompts: list[list[int]], pad_id: int, slots: int, max_n
 def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] | None = None, *,
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              num_samples: int = 1, seed: int = 0, batch_size: int = 8, progress: bool = True,
-             engine: str | None = None, on_batch: Callable[[list[int], list[list[str]]], None] | None = None
-             ) -> list[list[str]]:
+             engine: str | None = None, on_batch: Callable[[list[int], list[list[str]]], None] | None = None,
+             share_prefix: bool = True) -> list[list[str]]:
     """Answer each conversation ``num_samples`` times; returns ``texts[conversation][sample]``.
 
     ``conversations``: message lists (``[{"role", "content"}, ...]``) or plain strings (one user turn).
@@ -453,6 +515,8 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
     ``REPBEND_GENERATION_ENGINE`` environment variable, else :data:`DEFAULT_ENGINE`.
     ``on_batch(indices, texts)``: called as soon as conversations are answered (all their samples), with their
     indices and ``texts[k][sample]``, so a caller can store them before the whole call ends.
+    ``share_prefix``: the loop engine runs the prompt tokens every row of a batch starts with once
+    (:func:`shared_prefix`); False runs every row's whole prompt.
     """
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
@@ -528,16 +592,19 @@ def generate(model, tokenizer, conversations: Sequence, prefills: Sequence[str] 
             jobs_left: list = []
         else:
             jobs_left = jobs
+        share = share_prefix and engine == "loop" and _plain_cache(model)
         for start, end in length_batches([len(prompts[i]) for i, _ in jobs_left], batch_size, max_new_tokens):
             chunk = jobs_left[start:end]
-            ids, attn = left_pad([prompts[i] for i, _ in chunk], pad_id)
+            rows = [prompts[i] for i, _ in chunk]
+            prefix = rows[0][:shared_prefix(rows)] if share else []
+            ids, attn = left_pad([q[len(prefix):] for q in rows], pad_id)
             sampler = None
             if do_sample:
                 gens = [torch.Generator().manual_seed(_row_seed(seed, prompts[i], s)) for i, s in chunk]
                 sampler = _RowSampler(gens, temperature, top_p)
             with torch.inference_mode():
                 if engine == "loop":
-                    rows = _loop_generate(model, ids.to(device), attn.to(device), max_new_tokens, eos, sampler)
+                    rows = _loop_generate(model, ids.to(device), attn.to(device), max_new_tokens, eos, sampler, prefix)
                 else:
                     out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                                          generation_config=cfg,
