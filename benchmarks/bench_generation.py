@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from repbend.machine import matmul_rate
+
 
 def load(spec: str, dtype: str):
     import torch
@@ -146,20 +148,6 @@ def flops_per_token(model, context: int) -> float:
     if getattr(cfg, "tie_word_embeddings", False):
         n += emb            # the tied LM head is used once per token as a matmul
     return 2.0 * (n - emb) + 4.0 * cfg.num_hidden_layers * cfg.hidden_size * context
-
-
-def matmul_rate(m: int, k: int, n: int, seconds: float = 1.0) -> float:
-    """fp32 GFLOP/s of ``(m,k) @ (k,n)`` measured for about ``seconds``."""
-    import torch
-
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(3):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2.0 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
 
 def decode_steps(spec: str, rows: list[int], prompt: int = 60, steps: int = 20) -> None:

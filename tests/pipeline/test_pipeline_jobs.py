@@ -276,3 +276,18 @@ def test_eval_dtype_reaches_the_evaluation_stages_only_when_set(tmp_path):
     bf16 = evals(eval_dtype="bfloat16")
     assert bf16 and all(s.fingerprint["dtype"] == "bfloat16" for s in bf16)
     assert {s.key for s in bf16}.isdisjoint({s.key for s in evals()})   # another dtype is another evaluation
+
+
+def test_summary_names_the_machine_its_stage_times_come_from(tmp_path):
+    """The stage table carries the machine line (processor, threads, vector extension, measured fp32 matmul rate),
+    so wall times from different machines can be scaled; summary.json keeps the measurement."""
+    from repbend.machine import describe, machine_info
+
+    (tmp_path / "eval-original").mkdir()
+    (tmp_path / "eval-original" / "results.json").write_text(json.dumps(_results(1.0, 1.0, 1.0, 0.3)))
+    info = machine_info(seconds=0.05)
+    assert info["fp32_matmul_gflops"] > 0 and info["cpu"] and info["threads"] >= 1
+    out = summarise({"original": [tmp_path / "eval-original"]}, tmp_path / "report", timings={"build data": 3.0},
+                    machine=info)
+    assert f"Machine: {describe(info)}." in out["markdown"] and "GFLOP/s (1024^3)" in out["markdown"]
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["machine"] == info

@@ -240,12 +240,16 @@ def draws(train_cfgs) -> list:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run (or resume) the whole pipeline and write ``summary.json`` / ``summary.md`` + plots."""
+    from repbend.machine import machine_info
+
     out = Path(cfg.output_dir)
     stages = plan(cfg)
-    write_run_info(out, cfg)
+    machine = machine_info()       # the stage times' scale: processor and a measured matmul rate
+    write_run_info(out, cfg, machine=machine)
     timings = run_stages(stages)
     runs = {"original": [out / "eval-original"]}
     for m in cfg.methods:
         runs[m] = [out / f"eval-{m}-s{s}" for s in cfg.seeds]
     analyses = [out / f"analysis-{m}-s{s}" for m in cfg.methods for s in cfg.seeds] if cfg.analyze_prompts else []
-    return summarise(runs, out / "report", timings=timings, data_dir=out / "data", analyses=analyses)
+    return summarise(runs, out / "report", timings=timings, data_dir=out / "data", analyses=analyses,
+                     machine=machine)

@@ -223,7 +223,8 @@ def _analysis_links(folders: list[Path], out: Path) -> str:
 
 
 def summarise(runs: dict[str, list[Path]], out_dir: str | Path, timings: dict | None = None,
-              data_dir: str | Path | None = None, analyses: list[Path] | None = None) -> dict:
+              data_dir: str | Path | None = None, analyses: list[Path] | None = None,
+              machine: dict | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs)
@@ -233,6 +234,10 @@ def summarise(runs: dict[str, list[Path]], out_dir: str | Path, timings: dict | 
         md += "\nWall time per stage (s):\n\n| stage | seconds |\n|---|---|\n" + "".join(
             f"| {k} | {v:.0f} |\n" for k, v in timings.items())
         md += f"| **total** | **{sum(timings.values()):.0f}** |\n"
+        if machine:
+            from repbend.machine import describe
+
+            md += f"\nMachine: {describe(machine)}.\n"
     if speed:
         dash = lambda v, f="{:.1f}": "–" if v is None else f.format(v)  # noqa: E731
         md += ("\nGeneration (this run and the runs it resumed for the build; this run for evaluations):\n\n"
@@ -243,6 +248,7 @@ def summarise(runs: dict[str, list[Path]], out_dir: str | Path, timings: dict | 
     plots = plot(agg, out)
     md += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     md += _analysis_links(analyses or [], out)
-    atomic_write_json(out / "summary.json", {"runs": agg, "timings": timings or {}, "generation": speed})
+    atomic_write_json(out / "summary.json", {"runs": agg, "timings": timings or {}, "generation": speed,
+                                             "machine": machine or {}})
     atomic_write_text(out / "summary.md", md)
-    return {"runs": agg, "timings": timings or {}, "generation": speed, "markdown": md}
+    return {"runs": agg, "timings": timings or {}, "generation": speed, "machine": machine or {}, "markdown": md}
