@@ -326,8 +326,8 @@ def _prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, ro
     if prefix:
         p = len(prefix)
         head = DynamicCache(config=cfg)
-        model(input_ids=torch.tensor([list(prefix)], device=ids.device), position_ids=torch.arange(p, device=ids.device)[None],
-              cache=head, use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.tensor([list(prefix)], device=ids.device),
+              position_ids=torch.arange(p, device=ids.device)[None], cache=head, use_cache=True, logits_to_keep=1)
         buffers = [[x.new_empty(n, x.shape[1], p + width + room, x.shape[-1]) for x in (layer.keys, layer.values)]
                    for layer in head.layers]
         for bufs, layer in zip(buffers, head.layers):
