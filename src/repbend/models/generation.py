@@ -291,13 +291,17 @@ def _dynamic_layer():
     return DynamicLayer, BufferLayer
 
 
+def _plain_layers(cache) -> bool:
+    """Whether ``cache`` is made of plain ``DynamicLayer``s (no sliding window, no shared KV)."""
+    DynamicLayer, _ = _dynamic_layer()
+    return bool(cache.layers) and all(type(x) is DynamicLayer for x in cache.layers)
+
+
 def _plain_cache(model) -> bool:
-    """Whether ``model``'s cache is made of plain ``DynamicLayer``s (no sliding window, no shared KV)."""
+    """Whether ``model``'s cache is made of plain ``DynamicLayer``s (:func:`_plain_layers`)."""
     from transformers import DynamicCache
 
-    DynamicLayer, _ = _dynamic_layer()
-    probe = DynamicCache(config=getattr(model, "config", None))
-    return bool(probe.layers) and all(type(x) is DynamicLayer for x in probe.layers)
+    return _plain_layers(DynamicCache(config=getattr(model, "config", None)))
 
 
 def _prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, room: int,
@@ -314,10 +318,10 @@ def _prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, ro
     from transformers import DynamicCache
 
     cfg = getattr(model, "config", None)
-    DynamicLayer, BufferLayer = _dynamic_layer()
+    _, BufferLayer = _dynamic_layer()
     n, width = ids.shape
     probe = DynamicCache(config=cfg)
-    if not probe.layers or not all(type(x) is DynamicLayer for x in probe.layers):
+    if not _plain_layers(probe):
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=probe, use_cache=True,
                     logits_to_keep=1)
         return out.logits[:, -1, :], probe
@@ -416,7 +420,6 @@ def _cb_generate(model, prompts: list[list[int]], pad_id: int, slots: int, max_n
     from collections import deque
 
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     cfg = getattr(model, "config", None)
     new: list[list[int]] = [[] for _ in prompts]
@@ -434,7 +437,7 @@ def _cb_generate(model, prompts: list[list[int]], pad_id: int, slots: int, max_n
         return t in eos or len(new[j]) >= max_new_tokens
 
     def layers(c):
-        return c.layers if all(type(x) is DynamicLayer for x in c.layers) else None
+        return c.layers if _plain_layers(c) else None
 
     while queue or alive:
         free = slots - len(alive)
